@@ -1,0 +1,76 @@
+"""The prune_eval sweeper: Hydra's basic cartesian product, planned and validated before launch.
+
+Differences from hydra's BasicSweeper: every job's config is composed and validated first (one
+message listing every invalid job, nothing launched); jobs resolving to the same cell run once;
+complete cells are skipped; the sweep ends with a status table (and the report, where available)
+even if cells failed, instead of re-raising the first job exception.
+"""
+
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import OmegaConf
+
+log = logging.getLogger("prune_eval")
+
+
+@dataclass
+class PruneEvalSweeperConf:
+    _target_: str = "hydra_plugins.prune_eval_plugins.sweeper.PruneEvalSweeper"
+    report: bool = True  # write the variance report when the sweep ends
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="prune_eval", node=PruneEvalSweeperConf, provider="prune_eval")
+
+
+class PruneEvalSweeper(Sweeper):
+    def __init__(self, report: bool = True) -> None:
+        self.report = report
+        self.hydra_context = None
+        self.config = None
+        self.launcher = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list) -> Any:
+        from prune_eval import sweep
+        from prune_eval.cell import cell_status
+        from prune_eval.errors import PruneEvalError
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        jobs = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        loader = self.hydra_context.config_loader
+        try:
+            planned = sweep.plan_jobs(jobs, lambda overrides: loader.load_sweep_config(self.config, overrides))
+        except PruneEvalError as e:
+            print(f"prune_eval: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        sweep.record_plan(sweep_dir, planned)
+        todo = [c for c in planned if cell_status(sweep_dir / c.name) != "complete"]
+        skipped = len(planned) - len(todo)
+        log.info("sweep %s: %d job(s) -> %d cell(s); %d complete, launching %d", sweep_dir, len(jobs), len(planned), skipped, len(todo))
+        results = []
+        if todo:
+            results = self.launcher.launch([c.overrides for c in todo], initial_job_idx=0)
+        message, all_complete = sweep.describe_outcome(sweep_dir, planned, skipped)
+        print(message)
+        if self.report:
+            sweep.write_report_if_available(sweep_dir)
+        if not all_complete:
+            sys.exit(1)
+        return results

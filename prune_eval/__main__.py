@@ -1,0 +1,87 @@
+"""`python -m prune_eval [-m] key=value ...`: one cell, or a sweep of cells with -m.
+
+Before Hydra starts, the command line is checked (unknown group choices and keys get "did you mean"
+and the choices) and, for a single run, the cell is validated and its inputs looked at; a sweep is
+validated by the prune_eval sweeper for every job before any job is launched. User errors print one
+line and exit 2; a failed cell exits 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from prune_eval.config import CONF_DIR, check_inputs, check_overrides, explain_composition_error, plan_cell
+from prune_eval.errors import PruneEvalError
+
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc")
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _cell_name_resolver(*, _root_: DictConfig) -> str:
+    """${pe_cell:} in hydra.run.dir / hydra.sweep.subdir: the cell's stable directory name.
+
+    Never raises: an invalid config gets a placeholder name here and its one-line error from the
+    validation that runs before (sweeper, preflight) or inside the job.
+    """
+    try:
+        return plan_cell(_root_).name
+    except Exception:
+        return "invalid-config"
+
+
+OmegaConf.register_new_resolver("pe_cell", _cell_name_resolver, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def run(cfg: DictConfig) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    from prune_eval.cell import run_cell
+
+    hydra_cfg = HydraConfig.get()
+    status = run_cell(cfg, Path(hydra_cfg.runtime.output_dir))
+    if hydra_cfg.mode.name == "RUN":
+        print(f"cell {status}: {hydra_cfg.runtime.output_dir}")
+        if status != "complete":
+            sys.exit(1)
+    return status
+
+
+def preflight(arguments: list[str]) -> None:
+    """Everything checkable before Hydra runs: overrides, and for a single run the cell itself."""
+    if any(a in INFO_FLAGS or a.startswith("--cfg") for a in arguments):
+        return
+    check_overrides(arguments)
+    if any(a in MULTIRUN_FLAGS for a in arguments):
+        return  # the sweeper validates every job
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in arguments if not a.startswith("-")]
+
+    def compose_job(job_overrides: list[str]) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=job_overrides)
+
+    try:
+        cfg = compose_job(overrides)
+    except Exception as e:  # Hydra composition errors -> one line
+        raise explain_composition_error(e, overrides, compose_job) from None
+    plan_cell(cfg)
+    check_inputs(cfg)
+
+
+def main() -> None:
+    try:
+        preflight(sys.argv[1:])
+    except PruneEvalError as e:
+        print(f"prune_eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run()
+
+
+if __name__ == "__main__":
+    main()

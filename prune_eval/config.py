@@ -1,0 +1,208 @@
+"""From a composed config to a validated cell: everything that can be wrong is found here, before
+any model is loaded or any job is launched.
+
+- `check_overrides` reads the command line before Hydra does, so an unknown group choice or key is
+  one line with "did you mean" and the choices instead of Hydra's multi-line error.
+- `plan_cell` resolves a composed config into a `CellSpec`: the method's effective parameters, the
+  dictionary of everything that defines the result (`experiment`), and the cell's directory name.
+  Configurations that resolve to the same experiment get the same name and share one result.
+- `check_inputs` looks at the files a cell needs: weights, question files and images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from prune_eval.errors import PruneEvalError, did_you_mean, unknown_choice
+from prune_eval.methods import Method, ModelGeometry, get_method
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+LAUNCH_DIR = REPO_ROOT / "launch"
+GROUPS = ("model", "method", "quant", "data", "preprocess", "experiment", "launch")
+
+
+def group_dir(group: str) -> Path:
+    return LAUNCH_DIR if group == "launch" else CONF_DIR / group
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in group_dir(group).glob("*.yaml"))
+
+
+def _override_values(override) -> list[str]:
+    if override.is_sweep_override():
+        return [str(v) for v in override.sweep_string_iterator()]
+    value = override.value()
+    return [] if value is None else [str(override.get_value_element_as_str())]
+
+
+def check_overrides(arguments: list[str]) -> None:
+    """Unknown group choices in command-line overrides, as one line with "did you mean" and choices."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in arguments if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # Hydra's grammar errors are multi-line; keep the first line
+        raise PruneEvalError(f"cannot parse overrides: {str(e).strip().splitlines()[0]}") from None
+    for override in parsed:
+        key = override.get_key_element().lstrip("+~")
+        if key in GROUPS and not override.is_delete():
+            for value in _override_values(override):
+                if value != "null" and value not in group_choices(key):
+                    raise unknown_choice(key, value, group_choices(key))
+
+
+def _flat_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k in node.keys():
+        path = f"{prefix}{k}"
+        keys.append(path)
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            keys.extend(_flat_keys(child, path + "."))
+    return keys
+
+
+def explain_composition_error(error: Exception, overrides: list[str], compose) -> PruneEvalError:
+    """Turn Hydra's multi-line composition error into one line; unknown keys get "did you mean".
+
+    `compose(overrides)` composes a config; it is called with the group choices alone to learn
+    which keys exist for this job (method.dominant exists for visionzip, not for vanilla).
+    """
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    match = re.search(r"Could not override '([^']+)'", str(error)) or re.search(r"Key '([^']+)' is not in struct", str(error))
+    if not match:
+        return PruneEvalError(f"cannot compose the config for {' '.join(overrides) or '(defaults)'}: {first_line}")
+    key = match.group(1)
+    group_overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+    try:
+        base = compose(group_overrides)
+        keys = sorted(k for k in _flat_keys(base) if not k.startswith("hydra"))
+    except Exception:
+        keys = []
+    head = key.split(".")[0]
+    where = f" for {head} '{base[head].get('name', '?')}'" if keys and head in GROUPS and head in base else ""
+    return PruneEvalError(f"unknown key '{key}'{where}{did_you_mean(key, keys)} keys: {', '.join(keys)}")
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    name: str  # directory name of the cell inside the sweep directory
+    experiment: dict[str, Any]  # everything that defines the result
+    method: Method
+    params: dict[str, Any]  # the method's effective parameters
+    geometry: ModelGeometry
+
+
+def model_geometry(model_cfg) -> ModelGeometry:
+    """The model's shapes from its config alone (no weights loaded)."""
+    from prune_eval.models import loading, tiny
+
+    if loading.source_of(model_cfg) == "tiny":
+        return ModelGeometry.from_config(tiny.build_config(**dict(model_cfg.get("dims") or {})))
+    loading.check_available(model_cfg)
+    from transformers import LlavaConfig
+
+    config = LlavaConfig.from_pretrained(
+        loading.checkpoint_location(model_cfg), revision=model_cfg.get("revision"), local_files_only=True
+    )
+    return ModelGeometry.from_config(config)
+
+
+def _model_identity(model_cfg) -> dict[str, Any]:
+    from prune_eval.models import loading
+
+    source = loading.source_of(model_cfg)
+    identity = {"name": model_cfg.name, "source": source, "tokenization": model_cfg.get("tokenization", "hf")}
+    if source == "tiny":
+        identity.update(init_seed=int(model_cfg.get("init_seed", 0)), dims=OmegaConf.to_container(model_cfg.get("dims") or {}))
+    else:
+        identity.update(checkpoint=loading.checkpoint_location(model_cfg), revision=model_cfg.get("revision"))
+    return identity
+
+
+def _data_identity(data_cfg) -> dict[str, Any]:
+    identity = {"name": data_cfg.name, "version": str(data_cfg.version), "splits": list(data_cfg.splits)}
+    if data_cfg.name == "pope-synthetic":
+        identity.update(n_images=int(data_cfg.n_images), seed=int(data_cfg.seed))
+    else:
+        identity["format"] = "llava" if data_cfg.get("llava_question_file") else "pope"
+    return identity
+
+
+def plan_cell(cfg: DictConfig) -> CellSpec:
+    """Validate a composed config and name its cell. Raises PruneEvalError naming the bad value."""
+    from prune_eval.data import DATASETS
+    from prune_eval.data.images import PREPROCESSORS
+    from prune_eval.models.loading import SOURCES, source_of
+    from prune_eval.models.quant import precision_of
+
+    for group, registry_names in (("data", DATASETS.names()), ("preprocess", PREPROCESSORS.names())):
+        if cfg[group].name not in registry_names:
+            raise unknown_choice(group, cfg[group].name, registry_names)
+    if source_of(cfg.model) not in SOURCES:
+        raise unknown_choice("model source", cfg.model.get("source"), SOURCES)
+    precision_of(cfg.quant)  # validates quant options
+    method = get_method(str(cfg.method.name))
+    budget = cfg.budget
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise PruneEvalError(f"budget={budget}; must be a positive whole number of visual tokens")
+    seed = cfg.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise PruneEvalError(f"seed={seed}; must be a non-negative whole number")
+    geometry = model_geometry(cfg.model)
+    if budget > geometry.n_patches:
+        raise PruneEvalError(f"budget={budget} is larger than the {geometry.n_patches} visual tokens of model '{cfg.model.name}'; allowed: 1..{geometry.n_patches}")
+    user_params = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
+    params = method.resolve(user_params, budget, geometry)
+    if int(cfg.eval.max_new_tokens) < 1:
+        raise PruneEvalError(f"eval.max_new_tokens={cfg.eval.max_new_tokens}; must be at least 1")
+    if int(cfg.eval.batch_size) < 1:
+        raise PruneEvalError(f"eval.batch_size={cfg.eval.batch_size}; must be at least 1")
+    experiment = {
+        "model": _model_identity(cfg.model),
+        "quant": OmegaConf.to_container(cfg.quant, resolve=True),
+        "preprocess": str(cfg.preprocess.name),
+        "data": _data_identity(cfg.data),
+        "method": {"name": method.name, "version": method.version, "params": params},
+        "seed": seed,
+        "max_new_tokens": int(cfg.eval.max_new_tokens),
+    }
+    return CellSpec(cell_name(experiment, budget), experiment, method, params, geometry)
+
+
+def cell_name(experiment: dict[str, Any], budget: int) -> str:
+    """Readable and stable: '<method>-<tokens>_seed<s>_<model>-<quant>-<preprocess>_<data>_<hash>'.
+
+    The hash covers the whole experiment dict, so any defining difference (a method option, a
+    checkpoint path, the splits) gives another directory while the name stays readable.
+    """
+    method = experiment["method"]
+    label = method["name"]
+    if "version" in method["params"]:
+        label += f"-{method['params']['version']}"
+    tokens = method["params"].get("budget_label", method["params"].get("visual_tokens", budget))
+    data = experiment["data"]
+    digest = hashlib.sha256(json.dumps(experiment, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return (
+        f"{label}-{tokens}_seed{experiment['seed']}_{experiment['model']['name']}-{experiment['quant']['name']}-"
+        f"{experiment['preprocess']}_{data['name']}-{data['version']}_{digest}"
+    )
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Weights, question files and images exist and agree with the config."""
+    from prune_eval.data import load_dataset
+    from prune_eval.models.loading import check_available
+
+    check_available(cfg.model)
+    load_dataset(cfg.data).check_images()

@@ -1,0 +1,101 @@
+"""Pruning methods: one file per method, registered by name; the YAML in conf/method/ selects it.
+
+A method is a plain record of functions (no class hierarchy):
+- `resolve(params, budget, geometry)` validates the user's options against the model and returns the
+  effective parameters. Everything that defines the method's output goes in there (it names the
+  cell, so two configurations that resolve to the same parameters share one result), including
+  `visual_tokens`, the number of visual tokens that enter the LLM.
+- `select(vision, params, generator)` picks/merges image-level tokens before the projector
+  (vanilla, VisionZip, random); it sees the vision tower's outputs, never the question.
+- `make_hook(params, ...)` returns a `LayerHook` for pruning inside the LLM (SparseVLM).
+Token selection itself lives in pure tensor functions inside each method's file, apart from this
+plumbing, so tests can check it against an independent reference.
+
+Adding a method = one .py file in this package that calls `register(Method(...))` + one YAML file in
+conf/method/ whose `name:` is the registry name. Modules here are imported automatically.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prune_eval.models.llm import LayerHook
+from prune_eval.models.vision import VisionOutputs
+from prune_eval.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a method may need to know about the model to validate its options."""
+
+    n_patches: int  # visual tokens LLaVA feeds the LLM without pruning (576 for 336/14)
+    vision_layers: int
+    vision_heads: int
+    text_layers: int
+    text_heads: int
+    text_hidden: int
+
+    @classmethod
+    def from_config(cls, config) -> "ModelGeometry":
+        """From a LlavaConfig alone, so validation needs no weights."""
+        vision, text = config.vision_config, config.text_config
+        return cls(
+            n_patches=(vision.image_size // vision.patch_size) ** 2,
+            vision_layers=vision.num_hidden_layers,
+            vision_heads=vision.num_attention_heads,
+            text_layers=text.num_hidden_layers,
+            text_heads=text.num_attention_heads,
+            text_hidden=text.hidden_size,
+        )
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    version: str  # bump when the method's output changes; recorded with every result
+    resolve: Callable[[dict[str, Any], int, ModelGeometry], dict[str, Any]]
+    select: Callable[[VisionOutputs, dict[str, Any], torch.Generator | None], torch.Tensor] | None = None
+    make_hook: Callable[..., LayerHook] | None = None
+    needs_cls_attention: bool = False
+    needs_keys: bool = False
+    uses_seed: bool = False  # its output depends on the run's seed
+    text_dependent: bool = False  # its selection depends on the question
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def register(method: Method) -> Method:
+    return METHODS.register(method.name)(method)
+
+
+def get_method(name: str) -> Method:
+    _import_all()
+    return METHODS.get(name)
+
+
+def method_names() -> list[str]:
+    _import_all()
+    return METHODS.names()
+
+
+_imported = False
+
+
+def _import_all() -> None:
+    global _imported
+    if not _imported:
+        for module in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{module.name}")
+        _imported = True
+
+
+def drop_cls(vision: VisionOutputs) -> torch.Tensor:
+    """LLaVA's 'default' feature strategy: the patch tokens of the feature layer, CLS dropped."""
+    return vision.hidden[:, 1:]  # (B, 1+P, Dv) -> (B, P, Dv)

@@ -1,0 +1,172 @@
+"""Load a LLaVA checkpoint (hub id, local path, or the tiny model built in code) for evaluation.
+
+`check_available` runs before any job starts, so a missing checkpoint is one clear message in the
+submitting process instead of a traceback on a GPU node. `load` returns a `ModelBundle`: the model,
+its tokenizer and image processor, the LLM parts our decoder loop drives, and an `info` dict that
+goes into every cell summary (checkpoint, revision, dtype, quantized modules, memory, processor).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from prune_eval.errors import PruneEvalError
+from prune_eval.methods import ModelGeometry
+from prune_eval.models import tiny
+from prune_eval.models.llm import LanguageModel
+
+SOURCES = ("hub", "path", "tiny")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+@dataclass
+class ModelBundle:
+    model: LlavaForConditionalGeneration
+    tokenizer: Any
+    image_processor: Any
+    lm: LanguageModel
+    geometry: ModelGeometry
+    device: torch.device
+    dtype: torch.dtype
+    tokenization: str
+    feature_layer: int
+    image_token_id: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.multi_modal_projector
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PruneEvalError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+    return device
+
+
+def checkpoint_location(model_cfg) -> str:
+    """The local path if one is set, else the hub id."""
+    return str(model_cfg.get("path") or model_cfg.get("id"))
+
+
+def source_of(model_cfg) -> str:
+    if model_cfg.get("source") == "tiny":
+        return "tiny"
+    return "path" if model_cfg.get("path") else "hub"
+
+
+def check_local_checkpoint(path: Path) -> None:
+    """A directory with a LLaVA config and weights, or a clear error saying what is wrong."""
+    if not path.is_dir():
+        raise PruneEvalError(f"model.path={path} does not exist; download the weights there or point model.path at them")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise PruneEvalError(f"model.path={path} is not a checkpoint: no config.json")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError:
+        raise PruneEvalError(f"{config_file} is not valid JSON") from None
+    if model_type != "llava":
+        raise PruneEvalError(f"model.path={path} holds a '{model_type}' checkpoint; expected a LLaVA checkpoint (model_type 'llava')")
+    if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise PruneEvalError(f"model.path={path} has a config but no weights (*.safetensors or *.bin)")
+
+
+def check_available(model_cfg) -> None:
+    """Fail early, naming the checkpoint and how to get it, if it cannot be loaded here."""
+    source = source_of(model_cfg)
+    if source == "tiny":
+        return
+    if source == "path":
+        check_local_checkpoint(Path(model_cfg.path).expanduser())
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_cfg.id, "config.json", revision=model_cfg.get("revision"))
+    if not isinstance(cached, str) and not model_cfg.get("allow_download", False):
+        raise PruneEvalError(
+            f"weights for {model_cfg.id} are not in the Hugging Face cache; download them first with "
+            f"`python -m prune_eval.assets weights --model {model_cfg.name}` (or `hf download {model_cfg.id}`), "
+            f"or set model.path=/local/dir, or model.allow_download=true to download inside the job"
+        )
+
+
+def _load_pretrained(model_cfg, dtype: torch.dtype, device: torch.device, quantization_config) -> tuple:
+    location = checkpoint_location(model_cfg)
+    local_only = not model_cfg.get("allow_download", False)
+    common = {"revision": model_cfg.get("revision"), "local_files_only": local_only}
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            location,
+            dtype=dtype,
+            device_map={"": str(device)} if quantization_config is not None else None,
+            quantization_config=quantization_config,
+            attn_implementation="sdpa",
+            **common,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(location, **common)
+        image_processor = CLIPImageProcessorPil.from_pretrained(location, **common)
+    except OSError as e:
+        raise PruneEvalError(f"cannot load checkpoint {location}: {str(e).splitlines()[0]}") from None
+    if quantization_config is None:
+        model = model.to(device)
+    return model, tokenizer, image_processor
+
+
+def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_config=None) -> ModelBundle:
+    """Load the checkpoint described by a `model` config group entry."""
+    started = time.perf_counter()
+    source = source_of(model_cfg)
+    if source == "tiny":
+        config = tiny.build_config(**dict(model_cfg.get("dims") or {}))
+        model = tiny.build_model(config, init_seed=int(model_cfg.get("init_seed", 0)))
+        model = model.to(device=device, dtype=dtype)
+        tokenizer, image_processor = tiny.build_tokenizer(), tiny.build_image_processor()
+    else:
+        model, tokenizer, image_processor = _load_pretrained(model_cfg, dtype, device, quantization_config)
+    model.eval().requires_grad_(False)
+    commit = getattr(model.config, "_commit_hash", None)
+    info = {
+        "name": model_cfg.name,
+        "source": source,
+        "checkpoint": checkpoint_location(model_cfg) if source != "tiny" else "tiny (random, built in code)",
+        "revision": model_cfg.get("revision"),
+        "commit": commit,
+        "init_seed": model_cfg.get("init_seed") if source == "tiny" else None,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "memory_footprint_bytes": int(model.get_memory_footprint()),
+        "load_seconds": round(time.perf_counter() - started, 3),
+        "tokenizer": type(tokenizer).__name__,
+        "tokenization": model_cfg.get("tokenization", "hf"),
+        "image_processor": type(image_processor).__name__,
+        "attn_implementation": model.config.text_config._attn_implementation,
+    }
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        lm=LanguageModel.from_llava(model),
+        geometry=ModelGeometry.from_config(model.config),
+        device=device,
+        dtype=dtype,
+        tokenization=info["tokenization"],
+        feature_layer=int(model.config.vision_feature_layer),
+        image_token_id=int(model.config.image_token_id),
+        info=info,
+    )
