@@ -52,13 +52,14 @@ def run(cfg: DictConfig) -> str:
 
 
 def preflight(arguments: list[str]) -> None:
-    """Everything checkable before Hydra runs: overrides, and for a single run the cell itself."""
+    """Everything checkable before Hydra runs: overrides compose for every job; a single run's cell
+    is also validated and its inputs looked at (a sweep's cells are, by the prune_eval sweeper)."""
     if any(a in INFO_FLAGS or a.startswith("--cfg") for a in arguments):
         return
     check_overrides(arguments)
-    if any(a in MULTIRUN_FLAGS for a in arguments):
-        return  # the sweeper validates every job
     from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = [a for a in arguments if not a.startswith("-")]
 
@@ -66,12 +67,16 @@ def preflight(arguments: list[str]) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=job_overrides)
 
-    try:
-        cfg = compose_job(overrides)
-    except Exception as e:  # Hydra composition errors -> one line
-        raise explain_composition_error(e, overrides, compose_job) from None
-    plan_cell(cfg)
-    check_inputs(cfg)
+    multirun = any(a in MULTIRUN_FLAGS for a in arguments)
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0] if multirun else [overrides]
+    for job in jobs:
+        try:
+            cfg = compose_job(list(job))
+        except Exception as e:  # Hydra composition errors -> one line
+            raise explain_composition_error(e, list(job), compose_job) from None
+    if not multirun:
+        plan_cell(cfg)
+        check_inputs(cfg)
 
 
 def main() -> None:

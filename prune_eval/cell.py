@@ -168,8 +168,8 @@ def metrics_of(cell_records: list[dict], splits: list[str]) -> dict:
     return out
 
 
-def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, remaining: list[Question]) -> dict:
-    """Load the model and answer `remaining`; returns the model info for the summary."""
+def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, answered: set[str]) -> dict:
+    """Load the model and answer the questions not yet `answered`; returns the model info."""
     from tqdm import tqdm
 
     from prune_eval.models import loading
@@ -181,11 +181,12 @@ def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, r
     bundle = loading.load(cfg.model, dtype=precision.dtype, device=device, quantization_config=precision.quantization_config)
     bundle.info["quantization"] = {"name": precision.name, "skipped_modules": precision.skipped_modules}
     settings = EvalSettings.from_config(cfg.eval)
-    progress = tqdm(total=len(remaining), desc=spec.name[:40], unit="q", mininterval=5, disable=None)
+    progress = tqdm(total=len(dataset.questions) - len(answered), desc=spec.name[:40], unit="q", mininterval=5, disable=None)
     writer = PartWriter(cell_dir, int(cfg.eval.part_size), progress)
     evaluate_reference(
-        bundle, spec.method, spec.params, remaining, dataset.load_image,
+        bundle, spec.method, spec.params, dataset.questions, dataset.load_image,
         preprocess=str(cfg.preprocess.name), settings=settings, seed=int(cfg.seed), on_answers=writer.add,
+        answered=frozenset(answered),
     )
     writer.flush()
     progress.close()
@@ -238,9 +239,9 @@ def run_cell(cfg: DictConfig, cell_dir: Path) -> str:
             dataset = load_dataset(cfg.data)
             dataset.check_images()
             answered = check_existing(cell_dir, spec, dataset.questions)
-            remaining = [q for q in dataset.questions if q.key not in answered]
-            log.info("cell %s: %d of %d questions to answer", spec.name, len(remaining), len(dataset.questions))
-            model_info = evaluate_missing(cfg, spec, cell_dir, dataset, remaining) if remaining else None
+            remaining = len(dataset.questions) - len(answered)
+            log.info("cell %s: %d of %d questions to answer", spec.name, remaining, len(dataset.questions))
+            model_info = evaluate_missing(cfg, spec, cell_dir, dataset, answered) if remaining else None
             summary = write_summary(cfg, spec, cell_dir, dataset, model_info, started)
         except Exception as e:  # a failing cell records its error; the sweep goes on
             message = str(e) if isinstance(e, PruneEvalError) else f"{type(e).__name__}: {e}"

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from prune_eval.data.pope import SPLITS
 from prune_eval.errors import PruneEvalError, did_you_mean, unknown_choice
 from prune_eval.methods import Method, ModelGeometry, get_method
 
@@ -90,6 +91,10 @@ def explain_composition_error(error: Exception, overrides: list[str], compose) -
     except Exception:
         keys = []
     head = key.split(".")[0]
+    if "." in key:
+        keys = [k for k in keys if k.startswith(head + ".")] or keys
+    else:
+        keys = [k for k in keys if "." not in k]
     where = f" for {head} '{base[head].get('name', '?')}'" if keys and head in GROUPS and head in base else ""
     return PruneEvalError(f"unknown key '{key}'{where}{did_you_mean(key, keys)} keys: {', '.join(keys)}")
 
@@ -192,10 +197,11 @@ def cell_name(experiment: dict[str, Any], budget: int) -> str:
         label += f"-{method['params']['version']}"
     tokens = method["params"].get("budget_label", method["params"].get("visual_tokens", budget))
     data = experiment["data"]
+    splits = "" if sorted(data["splits"]) == sorted(SPLITS) else "-" + "+".join(data["splits"])
     digest = hashlib.sha256(json.dumps(experiment, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return (
         f"{label}-{tokens}_seed{experiment['seed']}_{experiment['model']['name']}-{experiment['quant']['name']}-"
-        f"{experiment['preprocess']}_{data['name']}-{data['version']}_{digest}"
+        f"{experiment['preprocess']}_{data['name']}-{data['version']}{splits}_{digest}"
     )
 
 

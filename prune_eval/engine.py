@@ -168,11 +168,20 @@ def evaluate_reference(
     settings: EvalSettings,
     seed: int,
     on_answers: Callable[[list[Answer]], None],
+    answered: frozenset[str] = frozenset(),
 ) -> None:
-    """Answer `questions` batch by batch with nothing shared between questions."""
+    """Answer `questions` batch by batch with nothing shared between questions.
+
+    Batches are fixed slices of the full question list; already `answered` questions are left out
+    of their batch. A resumed run therefore sees the same batch compositions as an uninterrupted
+    one wherever whole batches remain, which keeps its answers bit-identical.
+    """
     tokenized = tokenized_prompts(bundle, questions)
     suffix_of = dict(zip((q.key for q in questions), tokenized.suffixes))
-    for batch in batches(list(questions), settings.batch_size):
+    for full_batch in batches(list(questions), settings.batch_size):
+        batch = [q for q in full_batch if q.key not in answered]
+        if not batch:
+            continue
         pixel_values = image_ops.preprocess([load_image(q.image) for q in batch], preprocess, bundle.image_processor)
         visual = visual_tokens(bundle, method, params, pixel_values, [row_seed(seed, q.image) for q in batch])
         hook = method.make_hook(params, bundle, [row_seed(seed, q.key) for q in batch]) if method.make_hook else None

@@ -58,6 +58,8 @@ def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Dict
             cells[spec.name].aliases.append(overrides)
         else:
             cells[spec.name] = PlannedCell(spec.name, overrides)
+    if len(problems) == 1:
+        raise PruneEvalError(f"{problems[0]} (nothing was launched)")
     if problems:
         raise PruneEvalError(f"{len(problems)} of {len(jobs)} job(s) are invalid; nothing was launched:\n  " + "\n  ".join(problems))
     return list(cells.values())

@@ -1,0 +1,82 @@
+"""Our decoder loop against transformers' own LLaVA forward/generate on the tiny model (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model_cfg
+
+from prune_eval.data import images, synthetic
+from prune_eval.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
+from prune_eval.methods import get_method
+from prune_eval.models import loading
+from prune_eval.models.prompt import tokenize_prompts, vicuna_v1_prompt
+from prune_eval.models.vision import encode_images
+
+SETTINGS = EvalSettings(batch_size=4, max_new_tokens=6, stop_when_decided=False, fast=False)
+
+
+def hf_inputs(bundle, question_prompt: str, pixel_values: torch.Tensor) -> dict:
+    text = vicuna_v1_prompt(question_prompt).replace("<image>", "<image>" * bundle.geometry.n_patches)
+    return {"input_ids": bundle.tokenizer(text, return_tensors="pt").input_ids, "pixel_values": pixel_values}
+
+
+@pytest.fixture(scope="module")
+def gqa_bundle():
+    """A tiny model with grouped-query attention (2 KV heads for 4 query heads)."""
+    return loading.load(tiny_model_cfg(text_kv_heads=2), dtype=torch.float32, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("which", ["tiny_bundle", "gqa_bundle"])
+def test_greedy_answers_equal_hf_generate(which, request) -> None:
+    bundle = request.getfixturevalue(which)
+    questions = synthetic.make_questions(2, seed=0)[:3]
+    pixel_values = images.preprocess([synthetic.render_image(0, 0)] * 3, "pad", bundle.image_processor)
+    vanilla = get_method("vanilla")
+    visual = visual_tokens(bundle, vanilla, {}, pixel_values, [0, 0, 0])
+    tokenized = tokenized_prompts(bundle, questions)
+    ours = generate_rows(bundle, tokenized.prefix, visual, tokenized.suffixes, SETTINGS)
+    for q, generation, pixels in zip(questions, ours, pixel_values):
+        inputs = hf_inputs(bundle, q.prompt, pixels[None])
+        with torch.no_grad():
+            reference = bundle.model.generate(**inputs, max_new_tokens=SETTINGS.max_new_tokens, do_sample=False)
+            logits = bundle.model(**inputs).logits[0, -1]
+        new_tokens = reference[0, inputs["input_ids"].shape[1]:].tolist()
+        expected = new_tokens[: new_tokens.index(bundle.tokenizer.eos_token_id)] if bundle.tokenizer.eos_token_id in new_tokens else new_tokens
+        assert generation.token_ids == expected
+        torch.testing.assert_close(generation.first_logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_equals_one_by_one(tiny_bundle) -> None:
+    """Questions of different lengths in one left-padded batch answer as they do alone."""
+    bundle = tiny_bundle
+    questions = synthetic.make_questions(3, seed=5)
+    prompts = [questions[0].prompt, "Is there a cat ?" + "\nAnswer the question using a single word or phrase.", questions[1].prompt + " in the image in the image"]
+    tokenized = tokenize_prompts(prompts, bundle.tokenizer, mode="hf", image_token_id=bundle.image_token_id)
+    assert len({len(s) for s in tokenized.suffixes}) == 3
+    pixel_values = images.preprocess([synthetic.render_image(5, i) for i in range(3)], "crop", bundle.image_processor)
+    visual = visual_tokens(bundle, get_method("vanilla"), {}, pixel_values, [0, 0, 0])
+    batched = generate_rows(bundle, tokenized.prefix, visual, tokenized.suffixes, SETTINGS)
+    for b in range(3):
+        alone = generate_rows(bundle, tokenized.prefix, visual[b : b + 1], tokenized.suffixes[b : b + 1], SETTINGS)[0]
+        assert batched[b].token_ids == alone.token_ids
+        torch.testing.assert_close(batched[b].first_logits, alone.first_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_vision_tower_stops_at_the_feature_layer(tiny_bundle) -> None:
+    bundle = tiny_bundle
+    pixel_values = images.preprocess([synthetic.render_image(0, 1)], "pad", bundle.image_processor)
+    ours = encode_images(bundle.vision_tower, pixel_values, feature_layer=-2)
+    with torch.no_grad():
+        theirs = bundle.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(ours.hidden, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_prompt_split_around_the_image(tiny_bundle) -> None:
+    bundle = tiny_bundle
+    question = synthetic.make_questions(1, seed=0)[0]
+    full = bundle.tokenizer(vicuna_v1_prompt(question.prompt)).input_ids
+    for mode in ("hf", "llava"):
+        tokenized = tokenize_prompts([question.prompt], bundle.tokenizer, mode=mode, image_token_id=bundle.image_token_id)
+        assert list(tokenized.prefix) + [bundle.image_token_id] + list(tokenized.suffixes[0]) == full
+        assert tokenized.prefix[0] == bundle.tokenizer.bos_token_id

@@ -1,0 +1,123 @@
+"""End-to-end sweeps through the real CLI and Hydra: records, resume, kill -9, failures, sharing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST_DEMO, run_cli
+from PIL import Image
+
+from prune_eval import records
+from prune_eval.cell import cell_status
+
+pytestmark = pytest.mark.slow
+
+
+def cells(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if (p / "cell.json").exists())
+
+
+def all_records(sweep_dir: Path) -> dict[str, list[dict]]:
+    out = {}
+    for cell in cells(sweep_dir):
+        read = records.read_records(cell)
+        assert not read.bad_parts and not read.conflicts
+        out[cell.name] = sorted(read.records, key=lambda r: r["key"])
+    return out
+
+
+def test_demo_sweep_writes_records_for_every_cell_and_resumes(tmp_path) -> None:
+    result = run_cli(["-m", *FAST_DEMO, "method=vanilla", "seed=0,1"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "demo"
+    assert f"sweep {Path('outputs/demo')}" in result.stdout and "records: outputs/demo/<cell>/records/" in result.stdout
+    found = cells(sweep)
+    assert len(found) == 2
+    for cell in found:
+        summary = json.loads((cell / "summary.json").read_text())
+        assert summary["status"] == "complete" and summary["n_questions"] == 3 * 3 * 6
+        assert summary["data"]["format"] == "synthetic" and summary["model"]["source"] == "tiny"
+        assert summary["environment"]["versions"]["torch"] and "git" in summary["environment"]
+        assert {r["visual_tokens"] for r in records.read_records(cell).records} == {576}
+    plan = json.loads((sweep / "plan.json").read_text())
+    assert sorted(plan["cells"]) == [c.name for c in found]
+    again = run_cli(["-m", *FAST_DEMO, "method=vanilla", "seed=0,1"], tmp_path)
+    assert again.returncode == 0 and "2 were already complete" in again.stdout
+
+
+def test_equivalent_jobs_share_one_cell(tmp_path) -> None:
+    result = run_cli(["-m", *FAST_DEMO, "method=vanilla", "budget=64,128"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(cells(tmp_path / "outputs" / "demo")) == 1
+    assert "1 job(s) shared a cell with an equivalent configuration" in result.stdout
+
+
+def wait_for_part(sweep: Path, process: subprocess.Popen, timeout: float = 120) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for cell in sweep.glob("*/records"):
+            if records.part_paths(cell.parent) and not (cell.parent / "summary.json").exists():
+                return cell.parent
+        if process.poll() is not None:
+            raise AssertionError("the sweep ended before it could be killed")
+        time.sleep(0.02)
+    raise AssertionError("no record part appeared")
+
+
+def test_sigkill_mid_sweep_then_rerun_gives_identical_records(tmp_path) -> None:
+    args = ["-m", *FAST_DEMO, "method=vanilla", "seed=0,1", "eval.part_size=6", "eval.batch_size=6"]
+    reference = run_cli([*args, "name=reference"], tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "prune_eval", *args, "name=killed"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        partial_cell = wait_for_part(tmp_path / "outputs" / "killed", process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert cell_status(partial_cell) == "partial"
+    answered_before = len(records.read_records(partial_cell).records)
+    rerun = run_cli([*args, "name=killed"], tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    expected, got = all_records(tmp_path / "outputs" / "reference"), all_records(tmp_path / "outputs" / "killed")
+    assert expected == got
+    assert 0 < answered_before < len(got[partial_cell.name])
+    assert all(len(rs) == len({r["key"] for r in rs}) == 54 for rs in got.values())
+
+
+def write_mini_pope(folder: Path, image_dir: Path) -> None:
+    """Two splits with two images each; one image of the popular split is not a decodable file."""
+    folder.mkdir()
+    image_dir.mkdir()
+    for split in ("adversarial", "popular", "random"):
+        rows = []
+        for i, image in enumerate([f"{split}_a.jpg", f"{split}_b.jpg"]):
+            for j, (obj, label) in enumerate([("red circle", "yes"), ("blue square", "no")]):
+                rows.append({"question_id": 2 * i + j + 1, "image": image, "text": f"Is there a {obj} in the image?", "label": label})
+            if split == "popular" and i == 1:
+                (image_dir / image).write_bytes(b"not a jpeg")
+            else:
+                Image.new("RGB", (400, 300), (200, 30 * i, 40)).save(image_dir / image)
+        (folder / f"coco_pope_{split}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_failing_cell_records_its_error_and_the_others_go_on(tmp_path) -> None:
+    write_mini_pope(tmp_path / "pope", tmp_path / "images")
+    fast = [a for a in FAST_DEMO if not a.startswith("data.")]
+    result = run_cli(["-m", *fast, "data=pope", f"data.question_dir={tmp_path / 'pope'}", f"data.image_dir={tmp_path / 'images'}",
+                      "data.allow_unknown_version=true", "data.splits=[random],[popular]"], tmp_path)
+    assert result.returncode == 1
+    statuses = {c.name: cell_status(c) for c in cells(tmp_path / "outputs" / "demo")}
+    assert sorted(statuses.values()) == ["complete", "failed"]
+    failed = next(c for c in cells(tmp_path / "outputs" / "demo") if statuses[c.name] == "failed")
+    error = json.loads((failed / "error.json").read_text())
+    assert "popular_b.jpg cannot be decoded" in error["message"] and "Traceback" in error["traceback"]
+    assert "failed:" in result.stdout and "cannot be decoded" in result.stdout
