@@ -121,3 +121,26 @@ def test_a_failing_cell_records_its_error_and_the_others_go_on(tmp_path) -> None
     error = json.loads((failed / "error.json").read_text())
     assert "popular_b.jpg cannot be decoded" in error["message"] and "Traceback" in error["traceback"]
     assert "failed:" in result.stdout and "cannot be decoded" in result.stdout
+
+
+def test_method_sweep_seeds_and_shared_cells(tmp_path) -> None:
+    """VisionZip is deterministic across seeds, random is not; vanilla ignores the budget."""
+    result = run_cli(["-m", *FAST_DEMO, "method=vanilla,visionzip,random", "budget=64,128", "seed=0,1"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "demo"
+    found = {c.name: c for c in cells(sweep)}
+    assert len(found) == 2 + 4 + 4  # 12 jobs, vanilla's budgets share a cell
+    assert "2 job(s) shared a cell" in result.stdout
+
+    def answers(prefix: str, seed: int) -> list[str]:
+        (cell,) = [c for n, c in found.items() if n.startswith(f"{prefix}_seed{seed}_")]
+        rows = sorted(records.read_records(cell).records, key=lambda r: r["key"])
+        return [r["raw_answer"] for r in rows], {r["visual_tokens"] for r in rows}
+
+    assert answers("visionzip-64", 0) == answers("visionzip-64", 1)
+    assert answers("visionzip-64", 0)[1] == {64} and answers("visionzip-128", 0)[1] == {128}
+    assert answers("random-64", 0)[0] != answers("random-64", 1)[0]
+    assert answers("vanilla-576", 0)[1] == {576}
+    summary = json.loads((next(c for n, c in found.items() if n.startswith("visionzip-64_seed0")) / "summary.json").read_text())
+    assert summary["method"]["params"] | {} == {"visual_tokens": 64, "dominant": 54, "contextual": 10, "vision_layer": -2,
+                                                 "split_rule": "published (VisionZip README / paper appendix B.1)"}
