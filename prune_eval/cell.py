@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prune_eval import metrics, records
+from prune_eval.compute import summarize_compute
 from prune_eval.config import CellSpec, plan_cell
 from prune_eval.data import load_dataset
 from prune_eval.data.pope import Question
@@ -106,6 +107,8 @@ def answer_record(answer: Answer) -> dict:
         "pred_llava": metrics.parse_llava(g.text),
         "pred_exact": metrics.parse_exact(g.text),
         "visual_tokens": answer.visual_tokens,
+        "visual_tokens_per_layer": g.visual_per_layer,
+        "prompt_tokens": g.prompt_tokens,
         "new_tokens": len(g.token_ids),
         "stop_reason": g.stop_reason,
     }
@@ -213,6 +216,7 @@ def write_summary(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, mode
         "model": model_info or previous.get("model"),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "metrics": metrics_of(verified.records, list(cfg.data.splits)),
+        "compute": summarize_compute(verified.records, hidden=spec.geometry.text_hidden, intermediate=spec.geometry.text_intermediate),
         "n_questions": len(verified.records),
         "records": [{"file": p.name, "sha256": records.sha256_file(p)} for p in records.part_paths(cell_dir)],
         "environment": environment(),

@@ -195,7 +195,7 @@ def cell_name(experiment: dict[str, Any], budget: int) -> str:
     label = method["name"]
     if "version" in method["params"]:
         label += f"-{method['params']['version']}"
-    tokens = method["params"].get("budget_label", method["params"].get("visual_tokens", budget))
+    tokens = method["params"].get("budget", method["params"].get("visual_tokens", budget))  # SparseVLM: its nominal budget
     data = experiment["data"]
     splits = "" if sorted(data["splits"]) == sorted(SPLITS) else "-" + "+".join(data["splits"])
     digest = hashlib.sha256(json.dumps(experiment, sort_keys=True, default=str).encode()).hexdigest()[:8]

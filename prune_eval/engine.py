@@ -50,6 +50,9 @@ class Generation:
     text: str
     stop_reason: str
     first_logits: torch.Tensor | None = None  # (V,) float32: the first answer token's logits
+    visual_per_layer: list[int] | None = None  # visual tokens each decoder layer processed (prefill)
+    prompt_tokens: int | None = None  # prompt length entering the LLM (prefix + visual + text)
+    step_logits: list[torch.Tensor] | None = None  # (V,) per generated token, when asked for
 
 
 @dataclass
@@ -99,6 +102,7 @@ def generate_rows(
     settings: EvalSettings,
     *,
     hook: LayerHook | None = None,
+    keep_step_logits: bool = False,
 ) -> list[Generation]:
     """Greedy answers for rows [prefix | visual_b | suffix_b], left-padded into one batch.
 
@@ -123,6 +127,8 @@ def generate_rows(
     out, _ = run_layers(lm, hidden, positions, TokenMeta(slot, segment), cache, decoding=False, hook=hook)
     next_ids, logits = greedy_tokens(lm, out[:, -1])  # (B,), (B, V)
     first_logits = logits
+    step_logits = [logits] if keep_step_logits else None
+    per_layer = getattr(hook, "visual_per_layer", None) or [[n_visual] * lm.n_layers for _ in range(batch)]
     generated: list[list[int]] = [[] for _ in range(batch)]
     stop: list[str | None] = [None] * batch
     last_position = positions[:, -1]
@@ -145,9 +151,14 @@ def generate_rows(
         out, _ = run_layers(
             lm, embed(next_ids[:, None]), (last_position + 1 + step)[:, None], step_meta, cache, decoding=True
         )
-        next_ids, _ = greedy_tokens(lm, out[:, -1])
+        next_ids, logits = greedy_tokens(lm, out[:, -1])
+        if step_logits is not None:
+            step_logits.append(logits)
     return [
-        Generation(generated[b], decoded_text(bundle.tokenizer, generated[b]), stop[b] or STOP_LENGTH, first_logits[b])
+        Generation(
+            generated[b], decoded_text(bundle.tokenizer, generated[b]), stop[b] or STOP_LENGTH, first_logits[b],
+            list(per_layer[b]), lengths[b], [s[b] for s in step_logits] if step_logits is not None else None,
+        )
         for b in range(batch)
     ]
 
@@ -178,13 +189,16 @@ def evaluate_reference(
     """
     tokenized = tokenized_prompts(bundle, questions)
     suffix_of = dict(zip((q.key for q in questions), tokenized.suffixes))
-    for full_batch in batches(list(questions), settings.batch_size):
+    batch_size = min(settings.batch_size, params.get("max_batch_size") or settings.batch_size)
+    for full_batch in batches(list(questions), batch_size):
         batch = [q for q in full_batch if q.key not in answered]
         if not batch:
             continue
         pixel_values = image_ops.preprocess([load_image(q.image) for q in batch], preprocess, bundle.image_processor)
         visual = visual_tokens(bundle, method, params, pixel_values, [row_seed(seed, q.image) for q in batch])
-        hook = method.make_hook(params, bundle, [row_seed(seed, q.key) for q in batch]) if method.make_hook else None
+        hook = None
+        if method.make_hook is not None:
+            hook = method.make_hook(params, bundle, [row_seed(seed, q.key) for q in batch], len(tokenized.prefix), visual.shape[1])
         generations = generate_rows(bundle, tokenized.prefix, visual, [suffix_of[q.key] for q in batch], settings, hook=hook)
         on_answers([Answer(q, g, int(visual.shape[1])) for q, g in zip(batch, generations)])
 

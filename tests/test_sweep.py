@@ -144,3 +144,17 @@ def test_method_sweep_seeds_and_shared_cells(tmp_path) -> None:
     summary = json.loads((next(c for n, c in found.items() if n.startswith("visionzip-64_seed0")) / "summary.json").read_text())
     assert summary["method"]["params"] | {} == {"visual_tokens": 64, "dominant": 54, "contextual": 10, "vision_layer": -2,
                                                  "split_rule": "published (VisionZip README / paper appendix B.1)"}
+
+
+def test_sparsevlm_versions_sweep(tmp_path) -> None:
+    result = run_cli(["-m", *FAST_DEMO, "method=sparsevlm", "method.version=v1,v1.5,v2", "budget=64,128"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = cells(tmp_path / "outputs" / "demo")
+    assert len(found) == 6
+    for cell in found:
+        summary = json.loads((cell / "summary.json").read_text())
+        params, compute = summary["method"]["params"], summary["compute"]
+        assert params["version"] in ("v1", "v1.5", "v2") and params["layers"]
+        assert ("schedule" in params) != (params["version"] == "v1")
+        assert compute["entering"] == 576 and compute["input_seen"] < 576 and compute["official_equal_tokens"] < 576
+        assert len(compute["per_layer_mean"]) == 8

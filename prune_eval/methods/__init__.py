@@ -40,6 +40,7 @@ class ModelGeometry:
     text_layers: int
     text_heads: int
     text_hidden: int
+    text_intermediate: int
 
     @classmethod
     def from_config(cls, config) -> "ModelGeometry":
@@ -52,6 +53,7 @@ class ModelGeometry:
             text_layers=text.num_hidden_layers,
             text_heads=text.num_attention_heads,
             text_hidden=text.hidden_size,
+            text_intermediate=text.intermediate_size,
         )
 
 

@@ -87,7 +87,7 @@ def build_config(
     vision_layers: int = 4,
     vision_heads: int = 4,
     text_hidden: int = 64,
-    text_layers: int = 4,
+    text_layers: int = 8,
     text_heads: int = 4,
     text_kv_heads: int | None = None,
     intermediate_factor: int = 2,
