@@ -176,13 +176,15 @@ def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, a
     from tqdm import tqdm
 
     from prune_eval.models import loading
-    from prune_eval.models.quant import precision_of
+    from prune_eval.models.quant import check_backend, precision_of
 
     precision = precision_of(cfg.quant)
     device = loading.resolve_device(str(cfg.device))
+    check_backend(precision, device, (spec.geometry.text_hidden, spec.geometry.text_intermediate))
     torch.manual_seed(int(cfg.seed))
     bundle = loading.load(cfg.model, dtype=precision.dtype, device=device, quantization_config=precision.quantization_config)
-    bundle.info["quantization"] = {"name": precision.name, "skipped_modules": precision.skipped_modules}
+    bundle.info["quantization"] = {"name": precision.name, "scope": cfg.quant.get("scope"), "skipped_modules": precision.skipped_modules,
+                                   "n_quantized_modules": len(bundle.info["quantized_modules"])}
     settings = EvalSettings.from_config(cfg.eval)
     progress = tqdm(total=len(dataset.questions) - len(answered), desc=spec.name[:40], unit="q", mininterval=5, disable=None)
     writer = PartWriter(cell_dir, int(cfg.eval.part_size), progress)

@@ -209,6 +209,12 @@ def check_inputs(cfg: DictConfig) -> None:
     """Weights, question files and images exist and agree with the config."""
     from prune_eval.data import load_dataset
     from prune_eval.models.loading import check_available
+    from prune_eval.models.quant import check_backend, precision_of
 
     check_available(cfg.model)
     load_dataset(cfg.data).check_images()
+    if str(cfg.device) == "cpu":  # GPU jobs check their backend on the GPU node, before loading
+        import torch
+
+        geometry = model_geometry(cfg.model)
+        check_backend(precision_of(cfg.quant), torch.device("cpu"), (geometry.text_hidden, geometry.text_intermediate))

@@ -9,6 +9,7 @@ goes into every cell summary (checkpoint, revision, dtype, quantized modules, me
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,11 @@ def check_available(model_cfg) -> None:
         )
 
 
+def quantized_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the modules bitsandbytes replaced (Linear8bitLt / Linear4bit)."""
+    return [name for name, module in model.named_modules() if type(module).__name__ in ("Linear8bitLt", "Linear4bit")]
+
+
 def _load_pretrained(model_cfg, dtype: torch.dtype, device: torch.device, quantization_config) -> tuple:
     location = checkpoint_location(model_cfg)
     local_only = not model_cfg.get("allow_download", False)
@@ -135,7 +141,14 @@ def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_co
     if source == "tiny":
         config = tiny.build_config(**dict(model_cfg.get("dims") or {}))
         model = tiny.build_model(config, init_seed=int(model_cfg.get("init_seed", 0)))
-        model = model.to(device=device, dtype=dtype)
+        if quantization_config is not None:  # bitsandbytes quantizes while loading: go through disk
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                model = LlavaForConditionalGeneration.from_pretrained(
+                    folder, dtype=dtype, device_map={"": str(device)}, quantization_config=quantization_config, attn_implementation="sdpa"
+                )
+        else:
+            model = model.to(device=device, dtype=dtype)
         tokenizer, image_processor = tiny.build_tokenizer(), tiny.build_image_processor()
     else:
         model, tokenizer, image_processor = _load_pretrained(model_cfg, dtype, device, quantization_config)
@@ -151,6 +164,7 @@ def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_co
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "memory_footprint_bytes": int(model.get_memory_footprint()),
+        "quantized_modules": quantized_modules(model),
         "load_seconds": round(time.perf_counter() - started, 3),
         "tokenizer": type(tokenizer).__name__,
         "tokenization": model_cfg.get("tokenization", "hf"),

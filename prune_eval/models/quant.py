@@ -84,3 +84,26 @@ def nf4(quant_cfg) -> Precision:
 
 def precision_of(quant_cfg) -> Precision:
     return QUANTS.get(str(quant_cfg.name))(quant_cfg)
+
+
+def check_backend(precision: Precision, device: torch.device, widths: tuple[int, ...]) -> None:
+    """bitsandbytes must be usable on this device before a job spends time loading a model.
+
+    `widths` are the quantized layers' in/out sizes (LLM hidden and MLP widths): bitsandbytes'
+    CPU 4-bit kernels need multiples of 64 and fail deep inside a forward otherwise.
+    """
+    if precision.quantization_config is None:
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        raise PruneEvalError(f"quant={precision.name} needs bitsandbytes, which cannot be used here ({type(e).__name__}: {e}); pip install bitsandbytes, or use quant=fp16/bf16/fp32") from None
+    if device.type == "cpu" and precision.name == "nf4":
+        bad = sorted({w for w in widths if w % 64})
+        if bad:
+            raise PruneEvalError(f"quant=nf4 on the CPU needs layer widths that are multiples of 64 (bitsandbytes' CPU 4-bit kernels); this model has {bad}; run on a GPU or use quant=int8")
+    if device.type == "cuda":
+        from bitsandbytes.cextension import lib
+
+        if lib is None or not getattr(lib, "compiled_with_cuda", True):
+            raise PruneEvalError(f"quant={precision.name} on {device}: this bitsandbytes has no CUDA backend; install a CUDA build of bitsandbytes")
