@@ -29,6 +29,7 @@ from prune_eval.config import CellSpec, plan_cell
 from prune_eval.data import load_dataset
 from prune_eval.data.pope import Question
 from prune_eval.engine import Answer, EvalSettings, evaluate_reference
+from prune_eval.fast import evaluate_fast
 from prune_eval.errors import PruneEvalError
 from prune_eval.provenance import environment
 
@@ -188,7 +189,8 @@ def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, a
     settings = EvalSettings.from_config(cfg.eval)
     progress = tqdm(total=len(dataset.questions) - len(answered), desc=spec.name[:40], unit="q", mininterval=5, disable=None)
     writer = PartWriter(cell_dir, int(cfg.eval.part_size), progress)
-    evaluate_reference(
+    evaluate = evaluate_fast if settings.fast else evaluate_reference
+    evaluate(
         bundle, spec.method, spec.params, dataset.questions, dataset.load_image,
         preprocess=str(cfg.preprocess.name), settings=settings, seed=int(cfg.seed), on_answers=writer.add,
         answered=frozenset(answered),

@@ -198,7 +198,7 @@ def evaluate_reference(
         visual = visual_tokens(bundle, method, params, pixel_values, [row_seed(seed, q.image) for q in batch])
         hook = None
         if method.make_hook is not None:
-            hook = method.make_hook(params, bundle, [row_seed(seed, q.key) for q in batch], len(tokenized.prefix), visual.shape[1])
+            hook = method.make_hook(params, bundle, [row_seed(seed, q.image, q.prompt) for q in batch], len(tokenized.prefix), visual.shape[1])
         generations = generate_rows(bundle, tokenized.prefix, visual, [suffix_of[q.key] for q in batch], settings, hook=hook)
         on_answers([Answer(q, g, int(visual.shape[1])) for q, g in zip(batch, generations)])
 
