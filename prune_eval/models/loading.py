@@ -153,24 +153,31 @@ def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_co
     else:
         model, tokenizer, image_processor = _load_pretrained(model_cfg, dtype, device, quantization_config)
     model.eval().requires_grad_(False)
-    commit = getattr(model.config, "_commit_hash", None)
     info = {
         "name": model_cfg.name,
         "source": source,
         "checkpoint": checkpoint_location(model_cfg) if source != "tiny" else "tiny (random, built in code)",
         "revision": model_cfg.get("revision"),
-        "commit": commit,
+        "commit": getattr(model.config, "_commit_hash", None),
         "init_seed": model_cfg.get("init_seed") if source == "tiny" else None,
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
-        "memory_footprint_bytes": int(model.get_memory_footprint()),
-        "quantized_modules": quantized_modules(model),
         "load_seconds": round(time.perf_counter() - started, 3),
-        "tokenizer": type(tokenizer).__name__,
         "tokenization": model_cfg.get("tokenization", "hf"),
-        "image_processor": type(image_processor).__name__,
-        "attn_implementation": model.config.text_config._attn_implementation,
     }
+    return make_bundle(model, tokenizer, image_processor, dtype=dtype, device=device, tokenization=info["tokenization"], info=info)
+
+
+def make_bundle(model, tokenizer, image_processor, *, dtype: torch.dtype, device: torch.device, tokenization: str = "hf", info: dict | None = None) -> ModelBundle:
+    """Wrap a loaded LLaVA for the evaluation loop; `info` gains what every summary records."""
+    info = dict(info or {})
+    info.update(
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        memory_footprint_bytes=int(model.get_memory_footprint()),
+        quantized_modules=quantized_modules(model),
+        tokenizer=type(tokenizer).__name__,
+        image_processor=type(image_processor).__name__,
+        attn_implementation=model.config.text_config._attn_implementation,
+    )
     return ModelBundle(
         model=model,
         tokenizer=tokenizer,
@@ -179,7 +186,7 @@ def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_co
         geometry=ModelGeometry.from_config(model.config),
         device=device,
         dtype=dtype,
-        tokenization=info["tokenization"],
+        tokenization=tokenization,
         feature_layer=int(model.config.vision_feature_layer),
         image_token_id=int(model.config.image_token_id),
         info=info,

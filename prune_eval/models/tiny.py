@@ -128,6 +128,17 @@ def build_config(
     )
 
 
+def llava15_shapes(*, text_layers: int = 32, vision_layers: int = 24) -> LlavaConfig:
+    """LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336, 2-layer GELU projector, Vicuna-7B) with this
+    module's vocabulary ids, for random-weight benchmarks: real FLOPs, no download."""
+    config = build_config(vision_hidden=1024, vision_layers=vision_layers, vision_heads=16, text_hidden=4096,
+                          text_layers=text_layers, text_heads=32, intermediate_factor=4)
+    config.text_config.intermediate_size = 11008
+    config.text_config.vocab_size = 32064
+    config.text_config.max_position_embeddings = 4096
+    return config
+
+
 def build_model(config: LlavaConfig, *, init_seed: int = 0) -> LlavaForConditionalGeneration:
     """Random weights, deterministic given `init_seed` (and independent of the global RNG state)."""
     state = torch.random.get_rng_state()

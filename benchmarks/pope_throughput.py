@@ -1,0 +1,279 @@
+"""Full-POPE throughput: prune_eval's fast path against the usual batch-1 loop, in the same run.
+
+LLaVA-1.5-7B shapes with random fp16 weights (real FLOPs, no download), POPE's real question
+structure (the pinned 8910 questions on 500 images, passed with --questions) and synthetic images
+(content does not change the work). Every configuration generates exactly `--new-tokens` tokens
+(no early stop), as the peer loop does, so the two are timed on the same work:
+- peer: batch 1, HF `generate` on input embeddings with the method's visual tokens (vision tower
+  and image-level pruning per question, as the official eval loops do); for SparseVLM, prune_eval's
+  reference path at batch 1 (HF generate cannot prune inside the LLM). Timed on the first
+  `--peer-questions` questions and extrapolated to the full set (said in the output).
+- prune_eval: `eval.fast=true` over all questions, model loaded.
+Reported: wall time for the full POPE, questions/s, speedup, prefill TFLOP/s of the packed path
+against the matmul peak measured in the same run, where the time goes (vision / prefill / decode /
+host), and peak GPU memory. `--check` also compares first-token logits of the fast and reference
+paths on a few images. `--tiny` runs a small model on the CPU to try the script.
+
+    python benchmarks/pope_throughput.py --questions ../shared/data/pope/llava-1.5 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prune_eval import fast  # noqa: E402
+from prune_eval.data import images as image_ops  # noqa: E402
+from prune_eval.data import pope, synthetic  # noqa: E402
+from prune_eval.engine import EvalSettings, evaluate_reference, tokenized_prompts, visual_tokens  # noqa: E402
+from prune_eval.methods import get_method  # noqa: E402
+from prune_eval.models import loading, tiny  # noqa: E402
+from prune_eval.models.llm import run_layers  # noqa: E402
+
+CONFIGS = {
+    "vanilla-576": ("vanilla", {}, 576),
+    "visionzip-192": ("visionzip", {}, 192),
+    "visionzip-128": ("visionzip", {}, 128),
+    "visionzip-64": ("visionzip", {}, 64),
+    "random-64": ("random", {}, 64),
+    "sparsevlm-v1.5-192": ("sparsevlm", {"version": "v1.5"}, 192),
+    "sparsevlm-v1.5-128": ("sparsevlm", {"version": "v1.5"}, 128),
+    "sparsevlm-v1.5-64": ("sparsevlm", {"version": "v1.5"}, 64),
+    "sparsevlm-v2-64": ("sparsevlm", {"version": "v2"}, 64),
+}
+
+
+def synthetic_image_loader():
+    """Any image name -> a deterministic synthetic picture (COCO content does not change the work)."""
+
+    def load(name: str):
+        index = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") % 100_000
+        return synthetic.render_image(7, index)
+
+    return load
+
+
+def build_bundle(args) -> loading.ModelBundle:
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.float16
+    config = tiny.build_config(text_layers=8) if args.tiny else tiny.llava15_shapes()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tiny.LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return loading.make_bundle(model, tiny.build_tokenizer(), tiny.build_image_processor(), dtype=dtype, device=device,
+                               info={"checkpoint": "random weights, LLaVA-1.5-7B shapes" if not args.tiny else "tiny"})
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device) -> float | None:
+    """Median TFLOP/s of an 8192^3 fp16 matrix product on random data (the ceiling for prefill)."""
+    if device.type != "cuda":
+        return None
+    a, b = torch.randn(8192, 8192, device=device, dtype=torch.float16), torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+class Timers:
+    """Wall time (synchronized) and matmul FLOPs of prefill and decode calls of the decoder loop."""
+
+    def __init__(self, bundle) -> None:
+        self.bundle = bundle
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
+        self.flops = 0.0
+        cfg = bundle.model.config.text_config
+        d, m, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+        self.per_token = layers * 2 * (4 * d * d + 3 * d * m)  # q, k, v, o and the gated MLP
+        self.attention = layers * 4 * d  # x W^2: q k^T and attention . v over a full W x W block
+
+    def wrap(self, original):
+        def timed(lm, hidden, positions, meta, cache, *, decoding, hook=None):
+            sync(self.bundle.device)
+            started = time.perf_counter()
+            out = original(lm, hidden, positions, meta, cache, decoding=decoding, hook=hook)
+            sync(self.bundle.device)
+            kind = "decode" if decoding else "prefill"
+            self.seconds[kind] += time.perf_counter() - started
+            if not decoding and hook is None:
+                batch, width = hidden.shape[:2]
+                self.flops += batch * width * self.per_token + batch * width * width * self.attention
+            return out
+
+        return timed
+
+
+def run_fast(bundle, name: str, questions, settings: EvalSettings) -> dict:
+    method_name, options, budget = CONFIGS[name]
+    method = get_method(method_name)
+    params = method.resolve(options, budget, bundle.geometry)
+    timers = Timers(bundle)
+    original = fast.run_layers
+    fast.run_layers = timers.wrap(original)
+    import prune_eval.engine as engine
+
+    engine_original = engine.run_layers
+    engine.run_layers = timers.wrap(engine_original)
+    answers: list = []
+    if bundle.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(bundle.device)
+    started = time.perf_counter()
+    try:
+        fast.evaluate_fast(bundle, method, params, questions, synthetic_image_loader(), preprocess="pad", settings=settings,
+                           seed=0, on_answers=answers.extend)
+        sync(bundle.device)
+    finally:
+        fast.run_layers, engine.run_layers = original, engine_original
+    wall = time.perf_counter() - started
+    assert len(answers) == len(questions)
+    return {
+        "wall_s": wall,
+        "questions_per_s": len(questions) / wall,
+        "prefill_s": timers.seconds["prefill"],
+        "decode_s": timers.seconds["decode"],
+        "prefill_tflops": timers.flops / timers.seconds["prefill"] / 1e12 if timers.flops else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else None,
+        "new_tokens": statistics.mean(len(a.generation.token_ids) for a in answers),
+    }
+
+
+@torch.no_grad()
+def run_peer(bundle, name: str, questions, settings: EvalSettings) -> dict:
+    """Batch 1: per question vision + pruning + HF generate (image-level methods), or prune_eval's
+    reference path at batch 1 (SparseVLM)."""
+    method_name, options, budget = CONFIGS[name]
+    method = get_method(method_name)
+    params = method.resolve(options, budget, bundle.geometry)
+    load_image = synthetic_image_loader()
+    one = EvalSettings(batch_size=1, max_new_tokens=settings.max_new_tokens, stop_when_decided=False, fast=False)
+    sync(bundle.device)
+    started = time.perf_counter()
+    if method.text_dependent:
+        evaluate_reference(bundle, method, params, questions, load_image, preprocess="pad", settings=one, seed=0, on_answers=lambda a: None)
+    else:
+        tokenized = tokenized_prompts(bundle, questions)
+        embed = bundle.lm.embed_tokens
+        for q, suffix in zip(questions, tokenized.suffixes):
+            pixels = image_ops.preprocess([load_image(q.image)], "pad", bundle.image_processor)
+            visual = visual_tokens(bundle, method, params, pixels, [0])
+            ids = torch.tensor(list(tokenized.prefix) + list(suffix), device=bundle.device)
+            prefix_len = len(tokenized.prefix)
+            embeds = torch.cat([embed(ids[:prefix_len]), visual[0], embed(ids[prefix_len:])])[None]
+            bundle.model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=bundle.device),
+                                  max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.max_new_tokens, do_sample=False,
+                                  pad_token_id=bundle.tokenizer.pad_token_id)
+    sync(bundle.device)
+    per_question = (time.perf_counter() - started) / len(questions)
+    return {"per_question_s": per_question, "timed_questions": len(questions)}
+
+
+@torch.no_grad()
+def check_logits(bundle, questions, n_images: int) -> dict:
+    """First-token logits, fast vs reference path, on the questions of the first images."""
+    images = list(dict.fromkeys(q.image for q in questions))[:n_images]
+    subset = [q for q in questions if q.image in images]
+    out = {}
+    for name in ("vanilla-576", "visionzip-64", "sparsevlm-v1.5-64"):
+        method_name, options, budget = CONFIGS[name]
+        method = get_method(method_name)
+        params = method.resolve(options, budget, bundle.geometry)
+        results = {}
+        for path, size in ((fast.evaluate_fast, 4), (evaluate_reference, 8)):
+            answers: list = []
+            settings = EvalSettings(batch_size=size, max_new_tokens=1, stop_when_decided=False, fast=path is fast.evaluate_fast)
+            path(bundle, method, params, subset, synthetic_image_loader(), preprocess="pad", settings=settings, seed=0, on_answers=answers.extend)
+            results[path.__name__] = {a.question.key: a.generation for a in answers}
+        errors, agree = [], 0
+        for key, reference in results["evaluate_reference"].items():
+            got = results["evaluate_fast"][key]
+            errors.append(float((got.first_logits - reference.first_logits).norm() / reference.first_logits.norm()))
+            agree += got.token_ids == reference.token_ids
+        out[name] = {"questions": len(errors), "max_relative_logit_error": max(errors), "same_first_token": agree}
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    import transformers
+
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit or None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--questions", type=Path, required=True, help="folder with POPE's coco_pope_<split>.json (llava-1.5 version)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    parser.add_argument("--new-tokens", type=int, default=3)
+    parser.add_argument("--images-per-batch", type=int, default=16)
+    parser.add_argument("--peer-questions", type=int, default=100)
+    parser.add_argument("--limit-images", type=int, default=None, help="use only the questions of the first N images")
+    parser.add_argument("--check", type=int, default=0, help="compare fast vs reference first-token logits on N images")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, to try the script")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    questions, provenance = pope.load_pope(args.questions, version="llava-1.5")
+    if args.limit_images:
+        keep = set(list(dict.fromkeys(q.image for q in questions))[: args.limit_images])
+        questions = [q for q in questions if q.image in keep]
+    bundle = build_bundle(args)
+    result = {"environment": environment(bundle.device), "questions": len(questions), "images": len({q.image for q in questions}),
+              "new_tokens": args.new_tokens, "images_per_batch": args.images_per_batch, "matmul_peak_tflops": matmul_peak(bundle.device),
+              "configs": {}}
+    print(json.dumps({k: v for k, v in result.items() if k != "configs"}), flush=True)
+    if args.check:
+        result["check"] = check_logits(bundle, questions, args.check)
+        print("check", json.dumps(result["check"]), flush=True)
+    settings = EvalSettings(batch_size=args.images_per_batch, max_new_tokens=args.new_tokens, stop_when_decided=False, fast=True)
+    run_fast(bundle, "visionzip-64", questions[:36], settings)  # warm-up: kernels, allocator
+    for name in args.configs.split(","):
+        ours = run_fast(bundle, name, questions, settings)
+        peer = run_peer(bundle, name, questions[: args.peer_questions], settings)
+        peer_full = peer["per_question_s"] * len(questions)
+        entry = {**ours, "peer_per_question_s": peer["per_question_s"], "peer_timed_questions": peer["timed_questions"],
+                 "peer_full_s_extrapolated": peer_full, "speedup": peer_full / ours["wall_s"]}
+        result["configs"][name] = entry
+        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2))
+    print(f"\n{'config':20} {'ours s':>8} {'q/s':>7} {'peer s*':>8} {'speedup':>8} {'prefill TF/s':>12} {'prefill s':>9} {'decode s':>8} {'peak GiB':>8}")
+    for name, e in result["configs"].items():
+        tf = f"{e['prefill_tflops']:.0f}" if e["prefill_tflops"] else "-"
+        mem = f"{e['peak_memory_gib']:.1f}" if e["peak_memory_gib"] else "-"
+        print(f"{name:20} {e['wall_s']:8.1f} {e['questions_per_s']:7.0f} {e['peer_full_s_extrapolated']:8.0f} {e['speedup']:7.1f}x {tf:>12} {e['prefill_s']:9.1f} {e['decode_s']:8.1f} {mem:>8}")
+    print(f"* peer extrapolated from {args.peer_questions} questions; matmul peak {result['matmul_peak_tflops']}")
+
+
+if __name__ == "__main__":
+    main()
