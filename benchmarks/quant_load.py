@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.pope_throughput import environment, synthetic_image_loader  # noqa: E402
 from prune_eval.config import CONF_DIR  # noqa: E402
 from prune_eval.data import pope  # noqa: E402
+from prune_eval.models.llm import attention_kernels  # noqa: E402
 from prune_eval.engine import EvalSettings, evaluate_reference  # noqa: E402
 from prune_eval.fast import evaluate_fast  # noqa: E402
 from prune_eval.methods import get_method  # noqa: E402
@@ -118,4 +119,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with attention_kernels():  # the same SDPA backends for prune_eval and the peer loop
+        main()

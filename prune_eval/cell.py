@@ -30,6 +30,7 @@ from prune_eval.data import load_dataset
 from prune_eval.data.pope import Question
 from prune_eval.engine import Answer, EvalSettings, evaluate_reference
 from prune_eval.fast import evaluate_fast
+from prune_eval.models.llm import attention_kernels
 from prune_eval.errors import PruneEvalError
 from prune_eval.provenance import environment
 
@@ -190,11 +191,12 @@ def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, a
     progress = tqdm(total=len(dataset.questions) - len(answered), desc=spec.name[:40], unit="q", mininterval=5, disable=None)
     writer = PartWriter(cell_dir, int(cfg.eval.part_size), progress)
     evaluate = evaluate_fast if settings.fast else evaluate_reference
-    evaluate(
-        bundle, spec.method, spec.params, dataset.questions, dataset.load_image,
-        preprocess=str(cfg.preprocess.name), settings=settings, seed=int(cfg.seed), on_answers=writer.add,
-        answered=frozenset(answered),
-    )
+    with attention_kernels():
+        evaluate(
+            bundle, spec.method, spec.params, dataset.questions, dataset.load_image,
+            preprocess=str(cfg.preprocess.name), settings=settings, seed=int(cfg.seed), on_answers=writer.add,
+            answered=frozenset(answered),
+        )
     writer.flush()
     progress.close()
     return bundle.info

@@ -123,7 +123,7 @@ def generate_rows(
         segment[b, start:] = 1
     slot = torch.arange(width, device=device).expand(batch, width)
     positions = ((segment >= 0).long().cumsum(1) - 1).clamp(min=0)  # (B, L)
-    cache = KVCache(lm.n_layers)
+    cache = KVCache(lm.n_layers, reserve=settings.max_new_tokens)
     out, _ = run_layers(lm, hidden, positions, TokenMeta(slot, segment), cache, decoding=False, hook=hook)
     next_ids, logits = greedy_tokens(lm, out[:, -1])  # (B,), (B, V)
     first_logits = logits

@@ -21,6 +21,7 @@ The reference path (prune_eval.engine.evaluate_reference) is what the tests comp
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +108,7 @@ def generate_packed(
             last[g, i], lengths[g, i] = start + len(prompt) - 1, len(prompt)
             start += len(prompt)
     slot = torch.arange(width, device=device).expand(n_rows, width)
-    cache = KVCache(lm.n_layers)
+    cache = KVCache(lm.n_layers, reserve=settings.max_new_tokens * n_questions)
     out, _ = run_layers(lm, hidden, positions, TokenMeta(slot, segment), cache, decoding=False)
     next_ids, logits = greedy_tokens(lm, out.gather(1, last[..., None].expand(-1, -1, dim)))  # (G, Q), (G, Q, V)
     first_logits = logits
@@ -164,23 +165,30 @@ def evaluate_fast(
     a resumed run forms the same batches), sharing each image's work between its questions."""
     tokenized = tokenized_prompts(bundle, questions)
     suffix_of = dict(zip((q.key for q in questions), tokenized.suffixes))
-    for image_batch in batches(group_by_image(questions, suffix_of), settings.batch_size):
-        work = [_unanswered(w, answered) for w in image_batch]
-        work = [w for w in work if w.prompts]
-        if not work:
-            continue
-        pixel_values = image_ops.preprocess([load_image(w.image) for w in work], preprocess, bundle.image_processor)
-        visual = visual_tokens(bundle, method, params, pixel_values, [row_seed(seed, w.image) for w in work])
-        if method.text_dependent:
-            generations = _per_question_rows(bundle, method, params, tokenized.prefix, visual, work, settings, seed)
-        else:
-            generations = generate_packed(bundle, tokenized.prefix, visual, [w.prompts for w in work], settings)
-        on_answers([
-            Answer(q, generation, int(visual.shape[1]))
-            for w, row in zip(work, generations)
-            for group, generation in zip(w.questions, row)
-            for q in group
-        ])
+    jobs = [[w for w in (_unanswered(w, answered) for w in image_batch) if w.prompts]
+            for image_batch in batches(group_by_image(questions, suffix_of), settings.batch_size)]
+    jobs = [work for work in jobs if work]
+
+    def pixels(work: list[ImageWork]) -> torch.Tensor:
+        return image_ops.preprocess([load_image(w.image) for w in work], preprocess, bundle.image_processor)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # decode and resize the next batch's images meanwhile
+        upcoming = pool.submit(pixels, jobs[0]) if jobs else None
+        for index, work in enumerate(jobs):
+            pixel_values = upcoming.result()
+            if index + 1 < len(jobs):
+                upcoming = pool.submit(pixels, jobs[index + 1])
+            visual = visual_tokens(bundle, method, params, pixel_values, [row_seed(seed, w.image) for w in work])
+            if method.text_dependent:
+                generations = _per_question_rows(bundle, method, params, tokenized.prefix, visual, work, settings, seed)
+            else:
+                generations = generate_packed(bundle, tokenized.prefix, visual, [w.prompts for w in work], settings)
+            on_answers([
+                Answer(q, generation, int(visual.shape[1]))
+                for w, row in zip(work, generations)
+                for group, generation in zip(w.questions, row)
+                for q in group
+            ])
 
 
 def _unanswered(work: ImageWork, answered: frozenset[str]) -> ImageWork:

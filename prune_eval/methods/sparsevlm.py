@@ -292,7 +292,7 @@ class SparseVLMHook(LayerHook):
         queries = attention_module.q_proj(x).view(rows.shape[0], -1, head_dim).transpose(0, 1)  # (H, R, D)
         cos, sin = self.lm.rotary_emb(x, positions[row : row + 1, rows])  # (1, R, D)
         queries = queries * cos + rotate_half(queries) * sin
-        keys = cache.keys[layer_idx][row]  # (Hkv, S, D), post-RoPE
+        keys = cache.key_states(layer_idx)[row]  # (Hkv, S, D), post-RoPE
         keys = keys.repeat_interleave(queries.shape[0] // keys.shape[0], dim=0)  # (H, S, D)
         visible = (meta.slot[row][None, :] <= meta.slot[row][rows][:, None]) & (meta.segment[row][None, :] >= 0)
         attention = rater_attention(queries, keys, visible, attention_module.scaling)  # (H, R, S)
@@ -323,7 +323,7 @@ class SparseVLMHook(LayerHook):
     def after(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, meta: TokenMeta, cache: KVCache):
         if layer_idx not in self.layers:
             return None
-        if cache.keys[layer_idx].shape[-2] != hidden.shape[1]:
+        if cache.get_seq_length(layer_idx) != hidden.shape[1]:
             raise RuntimeError("SparseVLM prunes during a prefill from an empty cache only")
         if not self.replaying:
             for row in range(hidden.shape[0]):

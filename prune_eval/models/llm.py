@@ -21,7 +21,8 @@ SparseVLM v1/v1.5 give every layer group its own, compacted position count.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,36 +56,50 @@ def attention_mask(queries: TokenMeta, keys: TokenMeta) -> torch.Tensor:
 class KVCache:
     """Keys/values per layer with independent lengths; duck-types HF's `Cache.update`.
 
+    Each layer's buffer is allocated once with room for `reserve` more tokens than its first
+    update, so decoding writes in place instead of re-concatenating the whole cache every step.
     `meta[l]` describes layer l's cached keys. Layers that hold the same tokens share one TokenMeta
     object, so masks are built once per layer group, not once per layer.
     """
 
     n_layers: int
-    keys: list[torch.Tensor | None] = field(default_factory=list)
-    values: list[torch.Tensor | None] = field(default_factory=list)
+    reserve: int = 0
+    buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    length: list[int] = field(default_factory=list)
     meta: list[TokenMeta | None] = field(default_factory=list)
     position_shift: list[torch.Tensor | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.keys = [None] * self.n_layers
-        self.values = [None] * self.n_layers
+        self.buffers = [None] * self.n_layers
+        self.length = [0] * self.n_layers
         self.meta = [None] * self.n_layers
         self.position_shift = [None] * self.n_layers
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Called by the decoder layer's attention: append and return this layer's full K/V."""
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = key, value
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
-        return self.keys[layer_idx], self.values[layer_idx]
+        start, new = self.length[layer_idx], key.shape[-2]
+        buffer = self.buffers[layer_idx]
+        if buffer is None or buffer[0].shape[-2] < start + new:
+            capacity = start + new + self.reserve
+            grown = tuple(torch.empty(*t.shape[:-2], capacity, t.shape[-1], dtype=t.dtype, device=t.device) for t in (key, value))
+            if buffer is not None:
+                grown[0][..., :start, :] = buffer[0][..., :start, :]
+                grown[1][..., :start, :] = buffer[1][..., :start, :]
+            buffer = self.buffers[layer_idx] = grown
+        buffer[0][..., start : start + new, :] = key
+        buffer[1][..., start : start + new, :] = value
+        self.length[layer_idx] = start + new
+        return self.key_states(layer_idx), buffer[1][..., : start + new, :]
+
+    def key_states(self, layer_idx: int) -> torch.Tensor:
+        """(B, H_kv, L, D) post-RoPE keys of a layer."""
+        return self.buffers[layer_idx][0][..., : self.length[layer_idx], :]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.keys[layer_idx] is None else self.keys[layer_idx].shape[-2]
+        return self.length[layer_idx]
 
     def lengths(self) -> list[int]:
-        return [self.get_seq_length(i) for i in range(self.n_layers)]
+        return list(self.length)
 
 
 class LayerHook:
@@ -171,6 +186,20 @@ def run_layers(
                 hidden, positions, meta = changed
                 rotary.clear()
     return lm.norm(hidden), meta
+
+
+@contextmanager
+def attention_kernels() -> Iterator[None]:
+    """SDPA backends for our masked attention: flash, memory-efficient, math; not cuDNN.
+
+    With an explicit mask torch picks cuDNN's SDPA on Hopper, which builds a new execution plan for
+    every new shape: 5.4 ms of CPU per call, 55% of the fast path's CPU time, measured on an H100
+    (torch 2.11, benchmarks/profile_fast.py, 2026-11-24). Shapes change with every batch here.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def greedy_tokens(lm: LanguageModel, last_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
