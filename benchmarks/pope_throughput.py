@@ -223,9 +223,9 @@ def check_logits(bundle, questions, n_images: int) -> dict:
         method = get_method(method_name)
         params = method.resolve(options, budget, bundle.geometry)
         results = {}
-        for path, size in ((fast.evaluate_fast, 4), (evaluate_reference, 8)):
+        for path in (fast.evaluate_fast, evaluate_reference):
             answers: list = []
-            settings = EvalSettings(batch_size=size, max_new_tokens=1, stop_when_decided=False, fast=path is fast.evaluate_fast)
+            settings = EvalSettings(batch_size=8, max_new_tokens=1, stop_when_decided=False, fast=path is fast.evaluate_fast, batch_images=4)
             path(bundle, method, params, subset, synthetic_image_loader(), preprocess="pad", settings=settings, seed=0, on_answers=answers.extend)
             results[path.__name__] = {a.question.key: a.generation for a in answers}
         errors, agree = [], 0
@@ -255,7 +255,8 @@ def main() -> None:
     parser.add_argument("--questions", type=Path, required=True, help="folder with POPE's coco_pope_<split>.json (llava-1.5 version)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     parser.add_argument("--new-tokens", type=int, default=3)
-    parser.add_argument("--images-per-batch", type=int, default=16)
+    parser.add_argument("--images-per-batch", type=int, default=64)
+    parser.add_argument("--batch-tokens", type=int, default=32768)
     parser.add_argument("--peer-questions", type=int, default=100)
     parser.add_argument("--limit-images", type=int, default=None, help="use only the questions of the first N images")
     parser.add_argument("--check", type=int, default=0, help="compare fast vs reference first-token logits on N images")
@@ -270,13 +271,14 @@ def main() -> None:
     preload(questions)
     bundle = build_bundle(args)
     result = {"environment": environment(bundle.device), "questions": len(questions), "images": len({q.image for q in questions}),
-              "new_tokens": args.new_tokens, "images_per_batch": args.images_per_batch, "matmul_peak_tflops": matmul_peak(bundle.device),
+              "new_tokens": args.new_tokens, "images_per_batch": args.images_per_batch, "batch_tokens": args.batch_tokens, "matmul_peak_tflops": matmul_peak(bundle.device),
               "configs": {}}
     print(json.dumps({k: v for k, v in result.items() if k != "configs"}), flush=True)
     if args.check:
         result["check"] = check_logits(bundle, questions, args.check)
         print("check", json.dumps(result["check"]), flush=True)
-    settings = EvalSettings(batch_size=args.images_per_batch, max_new_tokens=args.new_tokens, stop_when_decided=False, fast=True)
+    settings = EvalSettings(batch_size=8, max_new_tokens=args.new_tokens, stop_when_decided=False, fast=True,
+                            batch_images=args.images_per_batch, batch_tokens=args.batch_tokens)
     run_fast(bundle, "visionzip-64", questions[:36], settings)  # warm-up: kernels, allocator
     for name in args.configs.split(","):
         ours = run_fast(bundle, name, questions, settings)

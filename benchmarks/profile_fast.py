@@ -28,7 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=Path, required=True)
     parser.add_argument("--config", default="vanilla-576")
-    parser.add_argument("--images-per-batch", type=int, default=16)
+    parser.add_argument("--images-per-batch", type=int, default=64)
+    parser.add_argument("--batch-tokens", type=int, default=32768)
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
@@ -40,7 +41,8 @@ def main() -> None:
     method_name, options, budget = CONFIGS[args.config]
     method = get_method(method_name)
     params = method.resolve(options, budget, bundle.geometry)
-    settings = EvalSettings(batch_size=args.images_per_batch, max_new_tokens=args.new_tokens, stop_when_decided=False, fast=True)
+    settings = EvalSettings(batch_size=8, max_new_tokens=args.new_tokens, stop_when_decided=False, fast=True,
+                            batch_images=args.images_per_batch, batch_tokens=args.batch_tokens)
     loader = synthetic_image_loader()
 
     def run(first: int) -> None:

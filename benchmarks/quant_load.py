@@ -50,7 +50,7 @@ def save(out: Path) -> None:
 def logits_of(bundle, questions, fast: bool) -> dict:
     method = get_method("vanilla")
     answers: list = []
-    settings = EvalSettings(batch_size=1 if not fast else 8, max_new_tokens=3, stop_when_decided=False, fast=fast)
+    settings = EvalSettings(batch_size=1, max_new_tokens=3, stop_when_decided=False, fast=fast)
     torch.cuda.synchronize()
     started = time.perf_counter()
     (evaluate_fast if fast else evaluate_reference)(bundle, method, {}, questions, synthetic_image_loader(), preprocess="pad",

@@ -12,6 +12,7 @@ match "yes"/"no", so no further token can change either parsed answer. The recor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,14 +33,17 @@ STOP_EOS, STOP_DECIDED, STOP_LENGTH = "eos", "decided", "max_new_tokens"
 
 @dataclass(frozen=True)
 class EvalSettings:
-    batch_size: int
+    batch_size: int  # reference path: questions per batch
     max_new_tokens: int
     stop_when_decided: bool
     fast: bool
+    batch_images: int = 64  # fast path: at most this many images per batch ...
+    batch_tokens: int = 32768  # ... and at most this many prompt tokens
 
     @classmethod
     def from_config(cls, eval_cfg) -> "EvalSettings":
-        return cls(int(eval_cfg.batch_size), int(eval_cfg.max_new_tokens), bool(eval_cfg.stop_when_decided), bool(eval_cfg.fast))
+        return cls(int(eval_cfg.batch_size), int(eval_cfg.max_new_tokens), bool(eval_cfg.stop_when_decided), bool(eval_cfg.fast),
+                   int(eval_cfg.get("batch_images", 64)), int(eval_cfg.get("batch_tokens", 32768)))
 
 
 @dataclass
@@ -93,6 +97,13 @@ def is_decided(text: str) -> bool:
     return "." in text
 
 
+@functools.lru_cache(maxsize=8)
+def decided_token_ids(tokenizer) -> frozenset[int]:
+    """Tokens whose text contains '.': once one is generated the answer is decided (is_decided),
+    checked per token instead of decoding the whole answer at every step."""
+    return frozenset(i for i in range(len(tokenizer)) if "." in tokenizer.decode([i], skip_special_tokens=True))
+
+
 @torch.no_grad()
 def generate_rows(
     bundle: ModelBundle,
@@ -133,6 +144,7 @@ def generate_rows(
     stop: list[str | None] = [None] * batch
     last_position = positions[:, -1]
     eos = bundle.tokenizer.eos_token_id
+    decided = decided_token_ids(bundle.tokenizer) if settings.stop_when_decided else frozenset()
     ones = torch.ones(batch, 1, dtype=torch.long, device=device)
     for step in range(settings.max_new_tokens):
         for b in range(batch):
@@ -143,7 +155,7 @@ def generate_rows(
                 stop[b] = STOP_EOS
                 continue
             generated[b].append(token)
-            if settings.stop_when_decided and is_decided(decoded_text(bundle.tokenizer, generated[b])):
+            if token in decided:
                 stop[b] = STOP_DECIDED
         if all(s is not None for s in stop) or step == settings.max_new_tokens - 1:
             break

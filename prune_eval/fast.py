@@ -37,9 +37,9 @@ from prune_eval.engine import (
     EvalSettings,
     Generation,
     batches,
+    decided_token_ids,
     decoded_text,
     generate_rows,
-    is_decided,
     row_seed,
     tokenized_prompts,
     visual_tokens,
@@ -72,6 +72,44 @@ def group_by_image(questions: Sequence[Question], suffix_of: dict[str, tuple[int
     return list(work.values())
 
 
+@dataclass
+class PackedRows:
+    """Row layout of a packed batch, built on the CPU and moved to the device in one go."""
+
+    ids: torch.Tensor  # (G, W) token ids (0 where the image or padding sits)
+    is_visual: torch.Tensor  # (G, W) bool
+    segment: torch.Tensor  # (G, W) -1 pad, 0 prefix + image, i + 1 question i
+    positions: torch.Tensor  # (G, W) positions restart after the shared prefix for every question
+    last: torch.Tensor  # (G, Q) index of each question's last token
+    lengths: torch.Tensor  # (G, Q) each question's length (0 for absent questions)
+
+
+def pack_rows(prefix: Sequence[int], n_visual: int, prompts: Sequence[Sequence[Sequence[int]]]) -> PackedRows:
+    shared = len(prefix) + n_visual
+    width = max(shared + sum(len(p) for p in row) for row in prompts)
+    n_rows, n_questions = len(prompts), max(len(row) for row in prompts)
+    ids = torch.zeros(n_rows, width, dtype=torch.long)
+    is_visual = torch.zeros(n_rows, width, dtype=torch.bool)
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)
+    positions = torch.zeros(n_rows, width, dtype=torch.long)
+    last = torch.zeros(n_rows, n_questions, dtype=torch.long)
+    lengths = torch.zeros(n_rows, n_questions, dtype=torch.long)
+    ids[:, : len(prefix)] = torch.tensor(list(prefix), dtype=torch.long)
+    is_visual[:, len(prefix) : shared] = True
+    segment[:, :shared] = 0
+    positions[:, :shared] = torch.arange(shared)
+    for g, row in enumerate(prompts):
+        start = shared
+        for i, prompt in enumerate(row):
+            end = start + len(prompt)
+            ids[g, start:end] = torch.tensor(prompt, dtype=torch.long)
+            segment[g, start:end] = i + 1
+            positions[g, start:end] = torch.arange(shared, shared + len(prompt))
+            last[g, i], lengths[g, i] = end - 1, len(prompt)
+            start = end
+    return PackedRows(ids, is_visual, segment, positions, last, lengths)
+
+
 @torch.no_grad()
 def generate_packed(
     bundle: ModelBundle,
@@ -86,36 +124,20 @@ def generate_packed(
     """
     lm, device, tokenizer = bundle.lm, bundle.device, bundle.tokenizer
     n_rows, n_visual, dim = visual.shape
-    shared = len(prefix) + n_visual  # segment 0: prefix + image
-    widths = [shared + sum(len(p) for p in row) for row in prompts]
-    width = max(widths)
-    n_questions = max(len(row) for row in prompts)
-    prefix_embeds = lm.embed_tokens(torch.tensor(list(prefix), device=device))
-    hidden = torch.zeros(n_rows, width, dim, dtype=bundle.dtype, device=device)
-    segment = torch.full((n_rows, width), -1, dtype=torch.long, device=device)
-    positions = torch.zeros(n_rows, width, dtype=torch.long, device=device)
-    last = torch.zeros(n_rows, n_questions, dtype=torch.long, device=device)  # each question's last token
-    lengths = torch.zeros(n_rows, n_questions, dtype=torch.long, device=device)
-    for g, row in enumerate(prompts):
-        ids = torch.tensor([t for p in row for t in p], device=device)
-        hidden[g, :widths[g]] = torch.cat([prefix_embeds, visual[g], lm.embed_tokens(ids)])
-        segment[g, :shared] = 0
-        positions[g, :shared] = torch.arange(shared, device=device)
-        start = shared
-        for i, prompt in enumerate(row):
-            segment[g, start : start + len(prompt)] = i + 1
-            positions[g, start : start + len(prompt)] = torch.arange(shared, shared + len(prompt), device=device)
-            last[g, i], lengths[g, i] = start + len(prompt) - 1, len(prompt)
-            start += len(prompt)
+    shared = len(prefix) + n_visual
+    rows = pack_rows(prefix, n_visual, prompts)
+    ids, is_visual, segment, positions, last = (t.to(device, non_blocking=True) for t in (rows.ids, rows.is_visual, rows.segment, rows.positions, rows.last))
+    width, n_questions = ids.shape[1], last.shape[1]
+    hidden = lm.embed_tokens(ids).masked_scatter(is_visual[..., None], visual.to(bundle.dtype))  # (G, W, D)
     slot = torch.arange(width, device=device).expand(n_rows, width)
     cache = KVCache(lm.n_layers, reserve=settings.max_new_tokens * n_questions)
     out, _ = run_layers(lm, hidden, positions, TokenMeta(slot, segment), cache, decoding=False)
-    next_ids, logits = greedy_tokens(lm, out.gather(1, last[..., None].expand(-1, -1, dim)))  # (G, Q), (G, Q, V)
-    first_logits = logits
-    active = torch.tensor([[i < len(row) for i in range(n_questions)] for row in prompts], device=device)
+    next_ids, first_logits = greedy_tokens(lm, out.gather(1, last[..., None].expand(-1, -1, dim)))  # (G, Q), (G, Q, V)
+    active = rows.lengths > 0  # (G, Q) on the CPU: which questions still decode
     generated = [[[] for _ in row] for row in prompts]
     stop: list[list[str | None]] = [[None] * len(row) for row in prompts]
-    question_ids = torch.arange(1, n_questions + 1, device=device).expand(n_rows, n_questions)
+    question_ids = torch.arange(1, n_questions + 1).expand(n_rows, n_questions)
+    decided = decided_token_ids(tokenizer) if settings.stop_when_decided else frozenset()
     eos = tokenizer.eos_token_id
     for step in range(settings.max_new_tokens):
         tokens = next_ids.tolist()
@@ -123,20 +145,21 @@ def generate_packed(
             for i in range(len(row)):
                 if stop[g][i] is not None:
                     continue
-                if tokens[g][i] == eos:
+                token = tokens[g][i]
+                if token == eos:
                     stop[g][i] = STOP_EOS
                 else:
-                    generated[g][i].append(tokens[g][i])
-                    if settings.stop_when_decided and is_decided(decoded_text(tokenizer, generated[g][i])):
+                    generated[g][i].append(token)
+                    if token in decided:
                         stop[g][i] = STOP_DECIDED
                 if stop[g][i] is not None:
                     active[g, i] = False
         if not bool(active.any()) or step == settings.max_new_tokens - 1:
             break
         step_slot = width + step * n_questions + torch.arange(n_questions, device=device).expand(n_rows, n_questions)
-        step_meta = TokenMeta(step_slot, torch.where(active, question_ids, torch.full_like(question_ids, -1)))
-        step_positions = shared + lengths + step
-        out, _ = run_layers(lm, lm.embed_tokens(next_ids), step_positions, step_meta, cache, decoding=True)
+        step_segment = torch.where(active, question_ids, torch.full_like(question_ids, -1)).to(device, non_blocking=True)
+        step_positions = (shared + rows.lengths + step).to(device, non_blocking=True)
+        out, _ = run_layers(lm, lm.embed_tokens(next_ids), step_positions, TokenMeta(step_slot, step_segment), cache, decoding=True)
         next_ids, _ = greedy_tokens(lm, out)
     return [
         [
@@ -146,6 +169,22 @@ def generate_packed(
         ]
         for g, row in enumerate(prompts)
     ]
+
+
+def plan_batches(work: list[ImageWork], row_width, *, max_images: int, max_tokens: int) -> list[list[ImageWork]]:
+    """Images grouped into batches of similar row width (less padding) within a token budget.
+
+    Deterministic in the full list of images, so a resumed run forms the same batches.
+    """
+    ordered = sorted(work, key=row_width, reverse=True)
+    planned: list[list[ImageWork]] = []
+    for w in ordered:
+        current = planned[-1] if planned else None
+        if current and len(current) < max_images and row_width(current[0]) * (len(current) + 1) <= max_tokens:
+            current.append(w)
+        else:
+            planned.append([w])
+    return planned
 
 
 def evaluate_fast(
@@ -161,12 +200,22 @@ def evaluate_fast(
     on_answers: Callable[[list[Answer]], None],
     answered: frozenset[str] = frozenset(),
 ) -> None:
-    """Answer `questions` `settings.batch_size` images at a time (fixed slices of all images, so
-    a resumed run forms the same batches), sharing each image's work between its questions."""
+    """Answer `questions` image batch by image batch (at most `settings.batch_images` images and
+    `settings.batch_tokens` tokens each), sharing each image's work between its questions."""
     tokenized = tokenized_prompts(bundle, questions)
     suffix_of = dict(zip((q.key for q in questions), tokenized.suffixes))
-    jobs = [[w for w in (_unanswered(w, answered) for w in image_batch) if w.prompts]
-            for image_batch in batches(group_by_image(questions, suffix_of), settings.batch_size)]
+    shared = len(tokenized.prefix) + int(params.get("visual_tokens", bundle.geometry.n_patches))
+    if method.text_dependent:  # one row per prompt, each with its own copy of the image
+
+        def row_width(w: ImageWork) -> int:
+            return sum(shared + len(p) for p in w.prompts)
+    else:
+
+        def row_width(w: ImageWork) -> int:
+            return shared + sum(len(p) for p in w.prompts)
+
+    planned = plan_batches(group_by_image(questions, suffix_of), row_width, max_images=settings.batch_images, max_tokens=settings.batch_tokens)
+    jobs = [[w for w in (_unanswered(w, answered) for w in image_batch) if w.prompts] for image_batch in planned]
     jobs = [work for work in jobs if work]
 
     def pixels(work: list[ImageWork]) -> torch.Tensor:

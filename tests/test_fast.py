@@ -13,7 +13,7 @@ from prune_eval.methods import get_method
 from prune_eval.models.prompt import tokenize_prompts
 
 REFERENCE = EvalSettings(batch_size=5, max_new_tokens=4, stop_when_decided=True, fast=False)
-FAST = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=True, fast=True)
+FAST = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=True, fast=True, batch_images=2, batch_tokens=4096)
 CASES = [("vanilla", {}, 576), ("visionzip", {}, 64), ("random", {}, 32), ("sparsevlm", {"version": "v1.5"}, 64),
          ("sparsevlm", {"version": "v2"}, 64), ("sparsevlm", {"version": "v1"}, 128)]
 
@@ -83,3 +83,28 @@ def test_duplicates_are_grouped_per_image(tiny_bundle) -> None:
     assert [w.image for w in work] == sorted({q.image for q in questions}, key=[q.image for q in questions].index)
     assert sum(len(group) for w in work for group in w.questions) == len(questions)
     assert all(len(set(w.prompts)) == len(w.prompts) for w in work)
+
+
+def test_decided_by_token_equals_decided_by_text(tiny_bundle) -> None:
+    from prune_eval.engine import decided_token_ids, decoded_text, is_decided
+
+    tokenizer = tiny_bundle.tokenizer
+    decided = decided_token_ids(tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        ids = torch.randint(0, len(tokenizer), (int(torch.randint(1, 6, (1,), generator=generator)),), generator=generator).tolist()
+        assert is_decided(decoded_text(tokenizer, ids)) == any(i in decided for i in ids)
+
+
+def test_batches_respect_the_budgets_and_are_deterministic(tiny_bundle) -> None:
+    from prune_eval.fast import plan_batches
+
+    questions = synthetic.make_questions(12, seed=1)
+    tokenized = tokenized_prompts(tiny_bundle, questions)
+    work = group_by_image(questions, dict(zip((q.key for q in questions), tokenized.suffixes)))
+    width = lambda w: 100 + sum(len(p) for p in w.prompts)  # noqa: E731
+    planned = plan_batches(work, width, max_images=5, max_tokens=3 * width(work[0]) + 50)
+    assert sorted(w.image for batch in planned for w in batch) == sorted(w.image for w in work)
+    assert all(len(batch) <= 5 and width(batch[0]) * len(batch) <= 3 * width(work[0]) + 50 for batch in planned)
+    again = plan_batches(list(work), width, max_images=5, max_tokens=3 * width(work[0]) + 50)
+    assert [[w.image for w in b] for b in planned] == [[w.image for w in b] for b in again]
