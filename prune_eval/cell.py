@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prune_eval import metrics, records
+from prune_eval.cellfiles import CELL_FILE, ERROR, LOCK, SUMMARY, STATUSES, cell_status, is_locked, read_summary  # noqa: F401
 from prune_eval.compute import summarize_compute
 from prune_eval.config import CellSpec, plan_cell
 from prune_eval.data import load_dataset
@@ -36,8 +37,6 @@ from prune_eval.provenance import environment
 
 log = logging.getLogger("prune_eval")
 
-SUMMARY, ERROR, CELL_FILE, LOCK = "summary.json", "error.json", "cell.json", ".lock"
-STATUSES = ("complete", "failed", "partial", "missing", "busy")
 
 
 @contextmanager
@@ -59,40 +58,6 @@ def cell_lock(cell_dir: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def is_locked(cell_dir: Path) -> bool:
-    path = Path(cell_dir) / LOCK
-    if not path.exists():
-        return False
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
-def read_summary(cell_dir: Path) -> dict | None:
-    try:
-        summary = json.loads((Path(cell_dir) / SUMMARY).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return summary if summary.get("status") == "complete" else None
-
-
-def cell_status(cell_dir: Path) -> str:
-    cell_dir = Path(cell_dir)
-    if read_summary(cell_dir) is not None:
-        return "complete"
-    if is_locked(cell_dir):
-        return "busy"
-    if (cell_dir / ERROR).exists():
-        return "failed"
-    if records.part_paths(cell_dir):
-        return "partial"
-    return "missing"
 
 
 def answer_record(answer: Answer) -> dict:
@@ -163,16 +128,6 @@ def check_existing(cell_dir: Path, spec: CellSpec, questions: list[Question]) ->
     return existing.keys
 
 
-def metrics_of(cell_records: list[dict], splits: list[str]) -> dict:
-    out = {}
-    for rule in metrics.PARSE_RULES:
-        counts = metrics.confusion_counts(
-            [r["label"] for r in cell_records], [r[f"pred_{rule}"] for r in cell_records], [r["split"] for r in cell_records], splits
-        )
-        out[rule] = metrics.summarize(counts, splits)
-    return out
-
-
 def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, answered: set[str]) -> dict:
     """Load the model and answer the questions not yet `answered`; returns the model info."""
     from tqdm import tqdm
@@ -221,7 +176,7 @@ def write_summary(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, mode
         "data": dataset.provenance,
         "model": model_info or previous.get("model"),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
-        "metrics": metrics_of(verified.records, list(cfg.data.splits)),
+        "metrics": metrics.record_metrics(verified.records, list(cfg.data.splits)),
         "compute": summarize_compute(verified.records, hidden=spec.geometry.text_hidden, intermediate=spec.geometry.text_intermediate),
         "n_questions": len(verified.records),
         "records": [{"file": p.name, "sha256": records.sha256_file(p)} for p in records.part_paths(cell_dir)],

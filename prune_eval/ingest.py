@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from prune_eval import metrics, records
-from prune_eval.cell import CELL_FILE, SUMMARY, metrics_of
+from prune_eval.cellfiles import CELL_FILE, SUMMARY
 from prune_eval.data import pope
 from prune_eval.errors import PruneEvalError
 from prune_eval.provenance import environment
@@ -109,7 +109,7 @@ def ingest(questions_path: Path, label_dir: Path, answers_path: Path, *, name: s
         "ingested": {"answers": str(answers_path), "answers_sha256": experiment["answers_sha256"], "model_ids": model_ids},
         "method": {"name": name, "version": None, "params": {}},
         "data": provenance,
-        "metrics": metrics_of(cell_records, list(splits)),
+        "metrics": metrics.record_metrics(cell_records, list(splits)),
         "n_questions": len(cell_records),
         "records": [{"file": p.name, "sha256": records.sha256_file(p)} for p in records.part_paths(cell_dir)],
         "environment": environment(),

@@ -201,3 +201,12 @@ def summarize(counts: np.ndarray, splits: Sequence[str]) -> dict:
     }
     aggregates = {name: float(fn(counts)) for name, fn in AGGREGATE_METRICS.items()}
     return {"splits": per_split, **aggregates, "n": int(counts.sum())}
+
+
+def record_metrics(records: Sequence[dict], splits: Sequence[str]) -> dict:
+    """Every metric of a cell's records under each parsing rule: {rule: summarize(...)}."""
+    out = {}
+    for rule in PARSE_RULES:
+        counts = confusion_counts([r["label"] for r in records], [r[f"pred_{rule}"] for r in records], [r["split"] for r in records], splits)
+        out[rule] = summarize(counts, splits)
+    return out

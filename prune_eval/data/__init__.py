@@ -1,4 +1,8 @@
-"""Data sets: the `data` config group's registry. Each entry turns its config into a `Dataset`."""
+"""Data sets: the `data` config group's registry. Each entry turns its config into a `Dataset`.
+
+Image handling (and with it torch) is imported inside the loaders, so that reading question files
+(prune_eval.data.pope, the ingest command, the report) stays torch-free.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prune_eval.data import images, pope, synthetic
+from prune_eval.data import pope, synthetic
 from prune_eval.data.pope import Question
 from prune_eval.errors import PruneEvalError
 from prune_eval.registry import Registry
@@ -15,7 +19,7 @@ from prune_eval.registry import Registry
 @dataclass
 class Dataset:
     questions: list[Question]
-    load_image: images.ImageLoader
+    load_image: Callable  # image name -> PIL image
     provenance: dict  # version, checksums, counts: recorded in every cell summary
     check_images: Callable[[], None]  # raises PruneEvalError naming missing images
 
@@ -43,6 +47,8 @@ def load_pope(data_cfg) -> Dataset:
         allow_unknown_version=bool(data_cfg.get("allow_unknown_version", False)),
     )
     provenance["image_dir"] = str(image_dir)
+    from prune_eval.data import images
+
     return Dataset(questions, images.directory_loader(image_dir), provenance, lambda: pope.check_images(image_dir, questions))
 
 
@@ -62,6 +68,8 @@ def load_synthetic(data_cfg) -> Dataset:
         "seed": int(data_cfg.seed),
         "counts": {s: sum(q.split == s for q in questions) for s in splits},
     }
+    from prune_eval.data import images
+
     return Dataset(questions, images.synthetic_loader(), provenance, lambda: None)
 
 
