@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from prune_eval.cell import cell_status, read_summary
+from prune_eval.cellfiles import cell_status, error_message, read_summary
 from prune_eval.config import check_inputs, explain_composition_error, plan_cell
 from prune_eval.errors import PruneEvalError
 from prune_eval.records import atomic_write_json
@@ -74,6 +74,15 @@ def record_plan(sweep_dir: Path, planned: list[PlannedCell]) -> None:
     atomic_write_json(path, plan)
 
 
+def launch(launcher, cells: list[PlannedCell], sweep_dir: Path) -> list:
+    """Launch the cells. prune_eval's launchers (launch=local-gpus, slurm) watch the cell directories
+    instead of job results, so they are given them; Hydra's own launchers get the overrides alone."""
+    overrides = [c.overrides for c in cells]
+    if hasattr(launcher, "launch_cells"):
+        return list(launcher.launch_cells(overrides, [Path(sweep_dir) / c.name for c in cells]))
+    return list(launcher.launch(overrides, initial_job_idx=0))
+
+
 def requested_cells(sweep_dir: Path) -> list[str]:
     path = Path(sweep_dir) / PLAN
     return sorted(json.loads(path.read_text())["cells"]) if path.exists() else []
@@ -103,16 +112,11 @@ def describe_outcome(sweep_dir: Path, planned: list[PlannedCell], skipped: int) 
         + (f"; {shared} job(s) shared a cell with an equivalent configuration" if shared else "")
     )
     failed = [n for n, s in statuses.items() if s == "failed"]
-    tail = "".join(f"\n  failed: {n}: {_error_message(Path(sweep_dir) / n)}" for n in failed)
+    tail = "".join(f"\n  failed: {n}: {error_message(Path(sweep_dir) / n)}" for n in failed)
     footer = f"\nrecords: {sweep_dir}/<cell>/records/  summaries: {sweep_dir}/<cell>/summary.json"
     return head + "\n" + table + tail + footer, all(s == "complete" for s in statuses.values())
 
 
-def _error_message(cell_dir: Path) -> str:
-    try:
-        return json.loads((cell_dir / "error.json").read_text())["message"].splitlines()[0]
-    except (OSError, ValueError, KeyError):
-        return "(no error.json)"
 
 
 def write_report_if_available(sweep_dir: Path) -> None:
@@ -126,3 +130,6 @@ def write_report_if_available(sweep_dir: Path) -> None:
         print(f"report: {path}")
     except PruneEvalError as e:
         print(f"report not written: {e}")
+    except Exception as e:  # a bug in the report must not hide the sweep's own outcome
+        log.exception("report failed")
+        print(f"report not written: {type(e).__name__}: {e} (python -m prune_eval.report {sweep_dir} retries)")

@@ -64,13 +64,20 @@ class PruneEvalSweeper(Sweeper):
         todo = [c for c in planned if cell_status(sweep_dir / c.name) != "complete"]
         skipped = len(planned) - len(todo)
         log.info("sweep %s: %d job(s) -> %d cell(s); %d complete, launching %d", sweep_dir, len(jobs), len(planned), skipped, len(todo))
-        results = []
+        results, launcher_failed = [], False
         if todo:
-            results = self.launcher.launch([c.overrides for c in todo], initial_job_idx=0)
+            try:
+                results = sweep.launch(self.launcher, todo, sweep_dir)
+            except PruneEvalError as e:  # bad launcher input, found before anything was submitted
+                print(f"prune_eval: error: {e}", file=sys.stderr)
+                sys.exit(2)
+            except Exception as e:  # a job or the scheduler broke: still print the table and report
+                launcher_failed = True
+                log.error("launcher failed: %s: %s", type(e).__name__, e)
         message, all_complete = sweep.describe_outcome(sweep_dir, planned, skipped)
         print(message)
         if self.report:
             sweep.write_report_if_available(sweep_dir)
-        if not all_complete:
+        if not all_complete or launcher_failed:
             sys.exit(1)
         return results

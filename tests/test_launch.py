@@ -1,0 +1,374 @@
+"""Launching without SLURM: GPU selection, the local-gpus scheduler, the SLURM watcher's rules (with a
+fake squeue), bad launcher input through the real CLI, and a real `launch=local-gpus` sweep on the
+CPU (cells pinned to GPU ids handed out by the launcher; a fake nvidia-smi marks one GPU busy).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST_DEMO, run_cli
+
+from prune_eval import launching
+from prune_eval.errors import PruneEvalError
+from prune_eval.launching import GpuInfo, Launched, Progress, TaskState
+
+NVIDIA_SMI_OUTPUT = "0, GPU-aaaa, 3\n1, GPU-bbbb, 5\n2, GPU-cccc, 30000\n"
+
+
+def gpus(*memory: float) -> list[GpuInfo]:
+    return [GpuInfo(str(i), f"GPU-{i}", m) for i, m in enumerate(memory)]
+
+
+def no_torch() -> int:
+    return 0
+
+
+# ----------------------------------------------------------------------------- GPU selection
+
+def test_each_local_gpus_cell_sees_its_gpu_as_cuda_0() -> None:
+    for device in ("auto", "cpu", "cuda", "cuda:0"):
+        launching.check_device_for_one_gpu(device)
+    with pytest.raises(PruneEvalError, match="device=cuda:1 with launch=local-gpus: each cell sees only its own GPU"):
+        launching.check_device_for_one_gpu("cuda:1")
+
+
+def test_parse_gpu_query_reads_nvidia_smi_csv() -> None:
+    parsed = launching.parse_gpu_query(NVIDIA_SMI_OUTPUT + "3, GPU-dddd, [N/A]\nnot a row\n")
+    assert [g.index for g in parsed] == ["0", "1", "2", "3"]
+    assert parsed[2] == GpuInfo("2", "GPU-cccc", 30000.0) and parsed[3].memory_used_mib is None
+
+
+def test_visible_gpus_prefers_cuda_visible_devices_then_nvidia_smi_then_torch() -> None:
+    assert launching.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, lambda: gpus(0, 0, 0, 0), no_torch)[0] == ["2", "3"]
+    assert launching.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, lambda: gpus(0), no_torch)[0] == []
+    assert launching.visible_gpus({}, lambda: gpus(0, 0), no_torch)[0] == ["0", "1"]
+    assert launching.visible_gpus({}, lambda: None, lambda: 3)[0] == ["0", "1", "2"]
+    ids, source = launching.visible_gpus({}, lambda: None, no_torch)
+    assert ids == [] and "nvidia-smi is not available" in source
+
+
+def test_gpu_pool_takes_all_or_a_list_and_skips_busy_gpus() -> None:
+    query = lambda: gpus(3, 5, 30000)  # noqa: E731
+    assert launching.gpu_pool("all", env={}, query=query, torch_count=no_torch) == ["0", "1", "2"]
+    assert launching.gpu_pool([1, 0], env={}, query=query, torch_count=no_torch) == ["1", "0"]
+    assert launching.gpu_pool("0,2", env={}, query=query, torch_count=no_torch) == ["0", "2"]
+    assert launching.gpu_pool(["GPU-1"], env={}, query=query, torch_count=no_torch) == ["GPU-1"]
+    assert launching.busy_gpus(["0", "1", "2"], query(), 1024) == {"2": 30000.0}
+
+
+@pytest.mark.parametrize(
+    ("requested", "env", "message"),
+    [
+        ("all", {"CUDA_VISIBLE_DEVICES": ""}, "launch=local-gpus found no GPU (CUDA_VISIBLE_DEVICES=''"),
+        ([0], {"CUDA_VISIBLE_DEVICES": ""}, "launch.gpus=[0]: no GPU found on this machine"),
+        ([0, 7], {}, "unknown GPU id '7' in launch.gpus; GPUs here (nvidia-smi): 0, 1, 2"),
+        ([0, 0], {}, "launch.gpus lists GPU 0 twice"),
+        ([], {}, "launch.gpus is empty"),
+        ([2], {}, "every GPU in launch.gpus is in use by another process: 2 (30000 MiB used)"),
+    ],
+)
+def test_gpu_pool_errors_name_the_bad_value(requested, env, message) -> None:
+    with pytest.raises(PruneEvalError) as e:
+        launching.gpu_pool(requested, env=env, query=lambda: gpus(3, 5, 30000), torch_count=no_torch)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- the local-gpus scheduler
+
+class FakeProcess:
+    """Finishes after `polls` calls to poll(); writes the cell's summary (or nothing: a crash)."""
+
+    def __init__(self, cell_dir: Path, polls: int, code: int) -> None:
+        self.cell_dir, self.polls, self.code = cell_dir, polls, code
+
+    def poll(self):
+        self.polls -= 1
+        if self.polls > 0:
+            return None
+        if self.code == 0:
+            (self.cell_dir / "summary.json").write_text(json.dumps({"status": "complete"}))
+        return self.code
+
+
+def test_run_on_gpus_puts_one_cell_per_gpu_and_waits_for_a_busy_gpu(tmp_path) -> None:
+    jobs = [Launched(tmp_path / f"cell{i}", job_id=f"local-{i}") for i in range(5)]
+    for job in jobs:
+        job.cell_dir.mkdir()
+    running: dict[str, str] = {}
+    events: list[tuple] = []
+    busy_rounds = iter([True, True, True])  # GPU 1 is used by someone else for the first three rounds
+
+    def start(pickle, log, gpu, job_id):
+        assert gpu not in running.values(), f"GPU {gpu} already runs a cell"
+        running[job_id] = gpu
+        events.append(("start", job_id, gpu))
+        cell = tmp_path / f"cell{job_id.split('-')[1]}"
+        process = FakeProcess(cell, polls=2, code=1 if job_id == "local-3" else 0)
+        original = process.poll
+
+        def poll():
+            code = original()
+            if code is not None and job_id in running:
+                del running[job_id]
+            return code
+
+        process.poll = poll
+        return process
+
+    def query():
+        return gpus(0, 30000 if next(busy_rounds, False) else 0)
+
+    lines: list[str] = []
+    outcomes = launching.run_on_gpus(jobs, [Path("x")] * 5, ["0", "1"], skip_busy=True, busy_memory_mib=1024, poll_s=0,
+                                     progress=Progress("local-gpus", 3600, lines.append), query=query, start=start)
+    assert outcomes == ["complete", "complete", "complete", "died", "complete"]
+    assert [e[2] for e in events[:2]] == ["0", "0"]  # GPU 1 was busy: the first cells queued for GPU 0
+    assert {e[2] for e in events} == {"0", "1"}
+    error = json.loads((tmp_path / "cell3" / "error.json").read_text())
+    assert error["type"] == "JobDied" and "local job local-3 (GPU" in error["message"] and "exit code 1" in error["message"]
+    assert lines[-1].startswith("cells: 4 complete, 0 running, 0 failed, 1 died, 0 pending")
+
+
+# ----------------------------------------------------------------------------- the SLURM watcher, with a fake squeue
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def watch(jobs, timeline, clock, cancelled=None, lost_after_s=10.0):
+    """Run watch_slurm with squeue answers taken from `timeline` (a list, one dict per poll)."""
+    answers = iter(timeline)
+    last = {}
+
+    def squeue(_ids):
+        nonlocal last
+        step = next(answers, last)
+        if callable(step):
+            step = step()
+        last = step
+        return step
+
+    lines: list[str] = []
+    out = launching.watch_slurm(jobs, poll_s=1, lost_after_s=lost_after_s, progress=Progress("slurm 7", 3600, lines.append, clock),
+                                squeue=squeue, cancel=(cancelled.extend if cancelled is not None else lambda ids: None),
+                                clock=clock, sleep=clock.sleep)
+    return out, lines
+
+
+def complete(cell: Path) -> dict:
+    (cell / "summary.json").write_text(json.dumps({"status": "complete"}))
+    return {}
+
+
+def test_watcher_survives_a_requeue_and_reports_the_cell_complete(tmp_path) -> None:
+    cell = tmp_path / "c0"
+    cell.mkdir()
+    job = Launched(cell, job_id="7_0")
+    clock = FakeClock()
+    timeline = [{"7_0": TaskState("PENDING", "Priority")}, {"7_0": TaskState("RUNNING")}, {}, {"7_0": TaskState("PREEMPTED")},
+                {"7_0": TaskState("PENDING", "BeginTime")}, {"7_0": TaskState("RUNNING")}, lambda: complete(cell)]
+    outcomes, lines = watch([job], timeline, clock)
+    assert outcomes == ["complete"] and not (cell / "error.json").exists()
+    assert any("0 complete, 1 running" in line for line in lines) and "1 complete" in lines[-1]
+
+
+def test_watcher_declares_a_vanished_task_dead_after_the_grace_period(tmp_path) -> None:
+    cells = [tmp_path / f"c{i}" for i in range(3)]
+    for c in cells:
+        c.mkdir()
+    (cells[2] / "error.json").write_text('{"message": "old failure"}')  # from an earlier sweep
+    jobs = [Launched(c, job_id=f"7_{i}", log=tmp_path / f"7_{i}_0_log.err") for i, c in enumerate(cells)]
+    clock = FakeClock()
+
+    def failing_cell_writes_its_error():
+        (cells[1] / "error.json").write_text('{"message": "bad image"}')
+        return {"7_0": TaskState("FAILED", "NonZeroExitCode"), "7_1": TaskState("COMPLETED"), "7_2": TaskState("CANCELLED")}
+
+    timeline = [{j.job_id: TaskState("RUNNING") for j in jobs}, failing_cell_writes_its_error]
+    outcomes, _ = watch(jobs, timeline, clock, lost_after_s=10)
+    assert outcomes == ["died", "failed", "died"]
+    assert 10 <= clock.now <= 13  # died only after the grace period, then promptly
+    died = json.loads((cells[0] / "error.json").read_text())
+    assert died["type"] == "JobDied" and "SLURM task 7_0 ended (FAILED) before the cell finished" in died["message"]
+    assert str(tmp_path / "7_0_0_log.err") in died["message"]
+    assert json.loads((cells[1] / "error.json").read_text())["message"] == "bad image"  # the cell's own error is kept
+    assert "7_2 ended (CANCELLED)" in json.loads((cells[2] / "error.json").read_text())["message"]
+
+
+def test_watcher_cancels_a_task_slurm_can_never_start(tmp_path) -> None:
+    cell = tmp_path / "c0"
+    cell.mkdir()
+    clock = FakeClock()
+    cancelled: list[str] = []
+    outcomes, lines = watch([Launched(cell, job_id="7_0")], [{"7_0": TaskState("PENDING", "PartitionConfig")}], clock, cancelled)
+    assert outcomes == ["died"] and cancelled == ["7_0"]
+    assert "(1 pending: PartitionConfig)" in lines[0]
+    assert "reason PartitionConfig" in json.loads((cell / "error.json").read_text())["message"]
+
+
+# ----------------------------------------------------------------------------- SLURM checks (fake sinfo)
+
+def fake_run(partitions: str, nodes: str):
+    def run(args, **kwargs):
+        stdout = partitions if args[-1] == "%P" else nodes
+        return subprocess.CompletedProcess(args, 0, stdout=stdout, stderr="")
+    return run
+
+
+def test_time_limits_and_gres_parse() -> None:
+    assert launching.parse_time_limit_min("1-02:00:00") == 1560
+    assert launching.parse_time_limit_min("4:00:00") == 240 and launching.parse_time_limit_min("30:00") == 30
+    assert launching.parse_time_limit_min("infinite") is None
+    assert launching.gres_gpus("gpu:a100:8(S:0-1),shard:8") == 8 and launching.gres_gpus("(null)") == 0
+
+
+@pytest.mark.parametrize(
+    ("partition", "request_", "message"),
+    [
+        ("gpux", launching.SlurmRequest(), "unknown SLURM partition (launch.partition) 'gpux'; did you mean 'gpu'? choices: cpu, gpu"),
+        (None, launching.SlurmRequest(gpus=1), "launch.gpus=1 is more than any node of partition 'cpu' has (at most 0 GPUs); set launch.gpus=null"),
+        ("gpu", launching.SlurmRequest(cpus=64), "launch.cpus=64 is more than any node of partition 'gpu' has (at most 32 CPUs)"),
+        ("gpu", launching.SlurmRequest(time_min=600), "launch.time_min=600 exceeds the 480-minute limit of partition 'gpu'"),
+    ],
+)
+def test_check_slurm_finds_bad_partitions_and_requests(partition, request_, message) -> None:
+    nodes = {"gpu": "32|500000|gpu:h100:4(S:0-1)|8:00:00\n", "cpu": "16|64000|(null)|infinite\n"}
+
+    def run(args, **kwargs):
+        stdout = "cpu*\ngpu\n" if args[-1] == "%P" else nodes[args[args.index("-p") + 1]]
+        return subprocess.CompletedProcess(args, 0, stdout=stdout, stderr="")
+
+    with pytest.raises(PruneEvalError) as e:
+        launching.check_slurm(partition, request_, which=lambda c: f"/usr/bin/{c}", run=run)
+    assert message in str(e.value)
+    launching.check_slurm("gpu", launching.SlurmRequest(cpus=8, mem_gb=64, gpus=1, time_min=240), which=lambda c: c, run=run)
+
+
+def test_check_slurm_needs_sbatch() -> None:
+    with pytest.raises(PruneEvalError, match="launch=slurm needs `sbatch`, which is not on PATH"):
+        launching.check_slurm(None, which=lambda c: None, run=fake_run("", ""))
+
+
+def test_sweep_dir_override_quotes_the_path() -> None:
+    assert launching.sweep_dir_override(Path("/a/b c/it's")) == "hydra.sweep.dir='/a/b c/it\\'s'"
+
+
+# ----------------------------------------------------------------------------- through the CLI
+
+def fake_nvidia_smi(tmp_path: Path) -> dict[str, str]:
+    """An env whose PATH starts with a fake nvidia-smi: GPUs 0-2, GPU 2 busy (30000 MiB used)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "nvidia-smi"
+    rows = NVIDIA_SMI_OUTPUT.replace("\n", "\\n")
+    script.write_text(f"#!/bin/sh\nprintf '{rows}'\n")
+    script.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    return env
+
+
+def no_cuda_env(tmp_path: Path) -> dict[str, str]:
+    env = fake_nvidia_smi(tmp_path)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+BAD_INPUT = [
+    (["launch=slurmm"], "plain", "unknown launch 'slurmm'; did you mean 'slurm'?"),
+    (["launch=local-gpus"], "no-cuda", "launch=local-gpus found no GPU (CUDA_VISIBLE_DEVICES=''"),
+    (["launch=local-gpus", "launch.gpus=[0,5]"], "fake-smi", "unknown GPU id '5' in launch.gpus; GPUs here (nvidia-smi): 0, 1, 2"),
+    (["launch=local-gpus", "launch.gpus=0,1"], "fake-smi", "launch.gpus=0,1 sweeps over a launcher setting, which all cells share; for a list write launch.gpus=[0,1]"),
+    (["launch=slurm"], "no-sbatch", "launch=slurm needs `sbatch`, which is not on PATH"),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("args", "env_kind", "message"), BAD_INPUT, ids=[" ".join(b[0]) for b in BAD_INPUT])
+def test_bad_launcher_input_is_one_line_before_anything_runs(tmp_path, args, env_kind, message) -> None:
+    env = {"fake-smi": fake_nvidia_smi, "no-cuda": no_cuda_env}.get(env_kind, lambda p: {})(tmp_path)
+    if env_kind == "no-sbatch":
+        env = {"PATH": str(tmp_path / "empty-bin")}  # python is started by its absolute path
+    result = run_cli(["-m", *FAST_DEMO, "method=vanilla", "seed=0,1", *args], tmp_path, env=env, timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("prune_eval: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not list(tmp_path.glob("outputs/demo/*/launches.jsonl")) and not list(tmp_path.glob("outputs/demo/*/records"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_gpus_sweep_runs_one_cell_per_gpu_and_skips_the_busy_one(tmp_path) -> None:
+    env = fake_nvidia_smi(tmp_path)
+    env["CUDA_VISIBLE_DEVICES"] = "0,1,2"
+    result = run_cli(["-m", *FAST_DEMO, "launch=local-gpus", "method=vanilla", "seed=0,1,2,3", "launch.progress_s=2"],
+                     tmp_path, env=env, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "launching 4 cell(s) on GPU(s) 0, 1, 2" in result.stdout
+    assert "cells: 4 complete, 0 running, 0 failed, 0 pending" in result.stdout
+    assert "GPU 2 is in use by another process" in result.stdout + result.stderr
+    sweep = tmp_path / "outputs" / "demo"
+    cells = sorted(p for p in sweep.iterdir() if (p / "cell.json").exists())
+    assert len(cells) == 4
+    runs = []
+    for cell in cells:
+        assert json.loads((cell / "summary.json").read_text())["status"] == "complete"
+        events = launching.read_events(cell)
+        assert [e["event"] for e in events] == ["start", "end"] and events[1]["status"] == "complete"
+        runs.append((events[0]["gpu"], events[0]["time"], events[1]["time"]))
+    assert {gpu for gpu, _, _ in runs} == {"0", "1"}  # never the busy GPU 2; both free GPUs used
+    for gpu in ("0", "1"):
+        intervals = sorted((s, e) for g, s, e in runs if g == gpu)
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(intervals, intervals[1:])), intervals
+    rerun = run_cli(["-m", *FAST_DEMO, "launch=local-gpus", "method=vanilla", "seed=0,1,2,3"], tmp_path, env=env, timeout=120)
+    assert rerun.returncode == 0 and "4 were already complete" in rerun.stdout and "launching 4" not in rerun.stdout
+
+
+BOOM_LAUNCHER = """
+from hydra.plugins.launcher import Launcher
+
+
+class BoomLauncher(Launcher):
+    def setup(self, *, hydra_context, task_function, config):
+        pass
+
+    def launch(self, job_overrides, initial_job_idx):
+        raise RuntimeError("job 17 died and the launcher gave up")
+"""
+
+
+def test_a_launcher_that_breaks_still_gets_the_status_table_and_report(tmp_path) -> None:
+    plugins = tmp_path / "path" / "hydra_plugins"  # Hydra takes launchers from the hydra_plugins namespace only
+    plugins.mkdir(parents=True)
+    (plugins / "boom_launcher.py").write_text(BOOM_LAUNCHER)
+    result = run_cli(["-m", *FAST_DEMO, "method=vanilla", "seed=0,1", "hydra.launcher._target_=hydra_plugins.boom_launcher.BoomLauncher"],
+                     tmp_path, env={"PYTHONPATH": str(tmp_path / "path")}, timeout=120)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "launcher failed: RuntimeError: job 17 died and the launcher gave up" in output
+    assert "sweep outputs/demo: 2 cell(s) 2 missing" in result.stdout
+    if importlib.util.find_spec("prune_eval.report") is not None:
+        assert "report: " in result.stdout
+
+
+def test_local_worker_module_runs_a_pickled_call(tmp_path) -> None:
+    """The local-gpus worker entry point (`python -m prune_eval.launching <pickle>`)."""
+    from submitit.helpers import DelayedSubmission
+
+    path = tmp_path / "job.pkl"
+    DelayedSubmission(Path.write_text, tmp_path / "out.txt", "ran").dump(path)
+    subprocess.run([sys.executable, "-m", "prune_eval.launching", str(path)], check=True, timeout=60)
+    assert (tmp_path / "out.txt").read_text() == "ran"
