@@ -16,7 +16,8 @@ else
   started=$(date +%s)
   python3 -m prune_eval -m model=llava-1.5-7b model.path=$ckpt data.question_dir="$questions" data.image_dir=$coco \
     'data.splits=[random]' method=vanilla,visionzip budget=64 eval.fast=true eval.max_new_tokens=8 device=cuda name=real \
-    hydra.sweep.dir="$out/real" 2>&1 | grep -v -i warn | tail -12
+    hydra.sweep.dir=/tmp/real 2>&1 | grep -v -i warn | tail -12
   echo "cli sweep wall: $(( $(date +%s) - started )) s"
-  cp "$out"/real/report/report.md "$out/real-report.md" 2>/dev/null || true
+  cp /tmp/real/report/report.md "$out/real-report.md" 2>/dev/null || true
+  python3 -c "import json,glob; print(json.dumps({p: {k: json.load(open(p))[k] for k in ('cell','model','compute','seconds','n_questions')} for p in glob.glob('/tmp/real/*/summary.json')}, indent=1, default=str))" > "$out/real-summaries.json"
 fi
