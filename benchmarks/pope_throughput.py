@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import hashlib
 import json
 import platform
@@ -239,6 +240,7 @@ def check_logits(bundle, questions, n_images: int) -> dict:
 
 def environment(device: torch.device) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = commit or os.environ.get("PRUNE_EVAL_COMMIT")  # the device machine's copy has no .git
     import transformers
 
     return {
@@ -261,6 +263,7 @@ def main() -> None:
     parser.add_argument("--limit-images", type=int, default=None, help="use only the questions of the first N images")
     parser.add_argument("--check", type=int, default=0, help="compare fast vs reference first-token logits on N images")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, to try the script")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (eval.compile=true); compile time is reported apart")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -279,10 +282,19 @@ def main() -> None:
         print("check", json.dumps(result["check"]), flush=True)
     settings = EvalSettings(batch_size=8, max_new_tokens=args.new_tokens, stop_when_decided=False, fast=True,
                             batch_images=args.images_per_batch, batch_tokens=args.batch_tokens)
-    run_fast(bundle, "visionzip-64", questions[:36], settings)  # warm-up: kernels, allocator
+    peer_lm = bundle.lm
+    if args.compile:
+        bundle.lm = bundle.lm.compiled()
+    started = time.perf_counter()
+    for warm in ("visionzip-64", "vanilla-576"):  # warm-up: kernels, allocator, compilation of two shapes
+        run_fast(bundle, warm, questions[:36], settings)
+    result["warmup_s"] = time.perf_counter() - started
+    result["compiled"] = args.compile
     for name in args.configs.split(","):
         ours = run_fast(bundle, name, questions, settings)
+        compiled_lm, bundle.lm = bundle.lm, peer_lm  # the peer loop runs eager, as everyone's does
         peer = run_peer(bundle, name, questions[: args.peer_questions], settings)
+        bundle.lm = compiled_lm
         peer_full = peer["per_question_s"] * len(questions)
         entry = {**ours, "peer_per_question_s": peer["per_question_s"], "peer_timed_questions": peer["timed_questions"],
                  "peer_llm_per_question_s": peer["llm_per_question_s"],

@@ -143,6 +143,8 @@ def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, a
     bundle.info["quantization"] = {"name": precision.name, "scope": cfg.quant.get("scope"), "skipped_modules": precision.skipped_modules,
                                    "n_quantized_modules": len(bundle.info["quantized_modules"])}
     settings = EvalSettings.from_config(cfg.eval)
+    if settings.compile:
+        bundle.lm = bundle.lm.compiled()
     progress = tqdm(total=len(dataset.questions) - len(answered), desc=spec.name[:40], unit="q", mininterval=5, disable=None)
     writer = PartWriter(cell_dir, int(cfg.eval.part_size), progress)
     evaluate = evaluate_fast if settings.fast else evaluate_reference

@@ -39,11 +39,12 @@ class EvalSettings:
     fast: bool
     batch_images: int = 64  # fast path: at most this many images per batch ...
     batch_tokens: int = 32768  # ... and at most this many prompt tokens
+    compile: bool = False  # torch.compile the decoder layers (GPU; one-time compile cost)
 
     @classmethod
     def from_config(cls, eval_cfg) -> "EvalSettings":
         return cls(int(eval_cfg.batch_size), int(eval_cfg.max_new_tokens), bool(eval_cfg.stop_when_decided), bool(eval_cfg.fast),
-                   int(eval_cfg.get("batch_images", 64)), int(eval_cfg.get("batch_tokens", 32768)))
+                   int(eval_cfg.get("batch_images", 64)), int(eval_cfg.get("batch_tokens", 32768)), bool(eval_cfg.get("compile", False)))
 
 
 @dataclass

