@@ -131,8 +131,10 @@ def generate_packed(
     hidden = lm.embed_tokens(ids).masked_scatter(is_visual[..., None], visual.to(bundle.dtype))  # (G, W, D)
     slot = torch.arange(width, device=device).expand(n_rows, width)
     cache = KVCache(lm.n_layers, reserve=settings.max_new_tokens * n_questions)
-    out, _ = run_layers(lm, hidden, positions, TokenMeta(slot, segment), cache, decoding=False)
-    next_ids, first_logits = greedy_tokens(lm, out.gather(1, last[..., None].expand(-1, -1, dim)))  # (G, Q), (G, Q, V)
+    # the shared prefix first (plain causal attention: flash), then the questions over its cache
+    run_layers(lm, hidden[:, :shared], positions[:, :shared], TokenMeta(slot[:, :shared], segment[:, :shared]), cache, decoding=False)
+    out, _ = run_layers(lm, hidden[:, shared:], positions[:, shared:], TokenMeta(slot[:, shared:], segment[:, shared:]), cache, decoding=False)
+    next_ids, first_logits = greedy_tokens(lm, out.gather(1, (last - shared).clamp(min=0)[..., None].expand(-1, -1, dim)))  # (G, Q), (G, Q, V)
     active = rows.lengths > 0  # (G, Q) on the CPU: which questions still decode
     generated = [[[] for _ in row] for row in prompts]
     stop: list[list[str | None]] = [[None] * len(row) for row in prompts]

@@ -177,7 +177,10 @@ def run_layers(
             keys_meta = appended[id(previous)]
         cache.meta[layer_idx] = keys_meta
         if (id(keys_meta), id(meta)) not in masks:
-            masks[(id(keys_meta), id(meta))] = attention_mask(meta, keys_meta)
+            plain = keys_meta is meta and bool((meta.segment == meta.segment[:, :1]).all()) and bool((meta.segment >= 0).all())
+            # one segment, no padding, no earlier keys: plain causal attention, which SDPA runs as
+            # flash attention when given no mask at all
+            masks[(id(keys_meta), id(meta))] = None if plain else attention_mask(meta, keys_meta)
         shift = cache.position_shift[layer_idx] if decoding else None
         if id(shift) not in rotary:  # one (cos, sin) per distinct position set
             rotary[id(shift)] = lm.rotary_emb(hidden, positions if shift is None else positions - shift)
