@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from prune_eval.data.pope import SPLITS
 from prune_eval.errors import PruneEvalError, did_you_mean, unknown_choice
 from prune_eval.methods import Method, ModelGeometry, get_method
+from prune_eval.records import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -132,6 +133,9 @@ def _model_identity(model_cfg) -> dict[str, Any]:
         identity.update(init_seed=int(model_cfg.get("init_seed", 0)), dims=OmegaConf.to_container(model_cfg.get("dims") or {}))
     else:
         identity.update(checkpoint=loading.checkpoint_location(model_cfg), revision=model_cfg.get("revision"))
+    if source == "toy":  # shipped with the code: retrained weights are another experiment
+        weights = Path(loading.checkpoint_location(model_cfg)) / "model.safetensors"
+        identity["weights_sha256"] = sha256_file(weights) if weights.is_file() else None
     return identity
 
 

@@ -24,7 +24,8 @@ from prune_eval.methods import ModelGeometry
 from prune_eval.models import tiny
 from prune_eval.models.llm import LanguageModel
 
-SOURCES = ("hub", "path", "tiny")
+SOURCES = ("hub", "path", "tiny", "toy")
+TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"  # trained by scripts/train_toy.py
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
@@ -61,13 +62,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def checkpoint_location(model_cfg) -> str:
-    """The local path if one is set, else the hub id."""
-    return str(model_cfg.get("path") or model_cfg.get("id"))
+    """The local path if one is set, else the shipped toy weights or the hub id."""
+    if model_cfg.get("path"):
+        return str(model_cfg.path)
+    return str(TOY_DIR) if model_cfg.get("source") == "toy" else str(model_cfg.get("id"))
 
 
 def source_of(model_cfg) -> str:
-    if model_cfg.get("source") == "tiny":
-        return "tiny"
+    if model_cfg.get("source") in ("tiny", "toy"):
+        return model_cfg.source
     return "path" if model_cfg.get("path") else "hub"
 
 
@@ -93,8 +96,8 @@ def check_available(model_cfg) -> None:
     source = source_of(model_cfg)
     if source == "tiny":
         return
-    if source == "path":
-        check_local_checkpoint(Path(model_cfg.path).expanduser())
+    if source in ("path", "toy"):
+        check_local_checkpoint(Path(checkpoint_location(model_cfg)).expanduser())
         return
     from huggingface_hub import try_to_load_from_cache
 
