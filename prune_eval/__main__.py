@@ -60,6 +60,7 @@ def preflight(arguments: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
 
     overrides = [a for a in arguments if not a.startswith("-")]
 
@@ -68,7 +69,10 @@ def preflight(arguments: list[str]) -> None:
             return compose(config_name="config", overrides=job_overrides)
 
     multirun = any(a in MULTIRUN_FLAGS for a in arguments)
-    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0] if multirun else [overrides]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if multirun and any(o.value_type == ValueType.GLOB_CHOICE_SWEEP for o in parsed):
+        return  # glob(...) needs Hydra's config loader to expand; the sweeper composes and checks every job
+    jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
     for job in jobs:
         try:
             cfg = compose_job(list(job))

@@ -4,7 +4,9 @@ A cell's directory is its identity (prune_eval.config.cell_name), so rerunning a
 cell again. Only questions without a verified record are evaluated; parts are written atomically
 every `eval.part_size` answers, so a killed job loses at most one part. A failure is written to
 `error.json` and the cell returns "failed" instead of raising, so the other cells of the sweep go on.
-A second process that finds the cell locked leaves it alone ("busy").
+A second process that finds the cell locked leaves it alone ("busy"). `model.json` keeps what the
+model load found out (dtype, quantized modules, commit), so a run killed after its last part but
+before summary.json still gets a complete summary from the rerun, which loads no model.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prune_eval import metrics, records
+from prune_eval import faults, metrics, records
 from prune_eval.cellfiles import CELL_FILE, ERROR, LOCK, SUMMARY, STATUSES, cell_status, is_locked, read_summary  # noqa: F401
 from prune_eval.compute import summarize_compute
 from prune_eval.config import CellSpec, plan_cell
@@ -36,20 +38,31 @@ from prune_eval.errors import PruneEvalError
 from prune_eval.provenance import environment
 
 log = logging.getLogger("prune_eval")
+MODEL_INFO = "model.json"  # what the last run that loaded the model found out about it (for the summary)
+LOCK_TRIES, LOCK_RETRY_S = 20, 0.025  # a busy cell is one still locked after half a second
 
 
 
 @contextmanager
 def cell_lock(cell_dir: Path) -> Iterator[bool]:
     """An exclusive flock on the cell; yields False if another process holds it. The kernel drops
-    the lock when its holder dies, even by SIGKILL, so there are no stale locks."""
+    the lock when its holder dies, even by SIGKILL, so there are no stale locks.
+
+    Status probes (cellfiles.is_locked: the report, another sweep's status table) take the lock for
+    a few microseconds; retrying for half a second keeps a probe from passing for a computing process
+    and leaving the cell undone as "busy". A real holder keeps the lock for the whole cell.
+    """
     cell_dir.mkdir(parents=True, exist_ok=True)
     with open(cell_dir / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_TRIES - 1:
+                    yield False
+                    return
+                time.sleep(LOCK_RETRY_S)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{socket.gethostname()} {os.getpid()}\n")
@@ -89,6 +102,7 @@ class PartWriter:
         self.buffer: list[dict] = []
 
     def add(self, answers: list[Answer]) -> None:
+        faults.checkpoint("batch")
         self.buffer.extend(answer_record(a) for a in answers)
         if self.progress is not None:
             self.progress.update(len(answers))
@@ -118,6 +132,8 @@ def check_existing(cell_dir: Path, spec: CellSpec, questions: list[Question]) ->
             raise PruneEvalError(f"{cell_dir} holds records of a different experiment (see {cell_file}); use another sweep name")
     else:
         records.atomic_write_json(cell_file, {"name": spec.name, "experiment": spec.experiment})
+    records.remove_stale_temporaries(cell_dir)  # left by a killed run; we hold the cell's lock
+    records.remove_stale_temporaries(records.records_dir(cell_dir))
     existing = records.read_records(cell_dir)
     quarantine_bad_parts(existing)
     if existing.conflicts:
@@ -142,6 +158,8 @@ def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, a
     bundle = loading.load(cfg.model, dtype=precision.dtype, device=device, quantization_config=precision.quantization_config)
     bundle.info["quantization"] = {"name": precision.name, "scope": cfg.quant.get("scope"), "skipped_modules": precision.skipped_modules,
                                    "n_quantized_modules": len(bundle.info["quantized_modules"])}
+    records.atomic_write_json(cell_dir / MODEL_INFO, bundle.info)  # for the summary, should this run die before it
+    faults.checkpoint("load")
     settings = EvalSettings.from_config(cfg.eval)
     if settings.compile:
         bundle.lm = bundle.lm.compiled()
@@ -157,6 +175,15 @@ def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, a
     writer.flush()
     progress.close()
     return bundle.info
+
+
+def read_model_info(cell_dir: Path) -> dict | None:
+    """What the last run that loaded the model recorded about it (model.json), if readable."""
+    try:
+        info = json.loads((cell_dir / MODEL_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def write_summary(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, model_info: dict | None, started: float) -> dict:
@@ -176,7 +203,7 @@ def write_summary(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, mode
         "method": {"name": spec.method.name, "version": spec.method.version, "params": spec.params,
                    "uses_seed": spec.method.uses_seed, "text_dependent": spec.method.text_dependent},
         "data": dataset.provenance,
-        "model": model_info or previous.get("model"),
+        "model": model_info or previous.get("model") or read_model_info(cell_dir),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "metrics": metrics.record_metrics(verified.records, list(cfg.data.splits)),
         "compute": summarize_compute(verified.records, hidden=spec.geometry.text_hidden, intermediate=spec.geometry.text_intermediate),
@@ -212,9 +239,12 @@ def run_cell(cfg: DictConfig, cell_dir: Path) -> str:
             summary = write_summary(cfg, spec, cell_dir, dataset, model_info, started)
         except Exception as e:  # a failing cell records its error; the sweep goes on
             message = str(e) if isinstance(e, PruneEvalError) else f"{type(e).__name__}: {e}"
-            records.atomic_write_json(cell_dir / ERROR, {"message": message, "type": type(e).__name__,
-                                                         "traceback": traceback.format_exc(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             log.error("cell %s failed: %s", cell_dir.name, message)
+            try:
+                records.atomic_write_json(cell_dir / ERROR, {"message": message, "type": type(e).__name__,
+                                                             "traceback": traceback.format_exc(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            except PruneEvalError as write_error:  # e.g. the disk is still full: the log keeps the message
+                log.error("cell %s: error.json not written: %s", cell_dir.name, write_error)
             return "failed"
         (cell_dir / ERROR).unlink(missing_ok=True)
         log.info("cell %s complete: mean F1 %.4f (llava rule)", spec.name, summary["metrics"]["llava"]["mean_f1"])

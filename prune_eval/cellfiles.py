@@ -56,11 +56,22 @@ def cell_status(cell_dir: Path) -> str:
         return "complete"
     if is_locked(cell_dir):
         return "busy"
+    if read_summary(cell_dir) is not None:  # finished (summary written, lock released) between the two looks
+        return "complete"
     if (cell_dir / ERROR).exists():
         return "failed"
     if records.part_paths(cell_dir):
         return "partial"
     return "missing"
+
+
+def lock_holder(cell_dir: Path) -> str:
+    """'pid P on HOST' of the process that last took the cell's lock (prune_eval.cell writes it), or ''."""
+    try:
+        host, _, pid = (Path(cell_dir) / LOCK).read_text().strip().rpartition(" ")
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f"pid {pid} on {host}" if host and pid.isdigit() else ""
 
 
 def error_message(cell_dir: Path) -> str:
@@ -86,15 +97,49 @@ class CellData:
     visual_tokens: float | None  # mean over records; None when not recorded (ingested answers)
 
 
+# The parts of summary.json the report reads, and what each must be when present (None = absent).
+STR_LIST = ("list of strings",)
+SUMMARY_SHAPE = {
+    "cell": str,
+    "experiment": {"method": {"name": str, "params": dict}, "model": dict, "data": {"splits": STR_LIST}, "quant": dict},
+    "method": {"name": str, "params": dict},
+    "model": dict, "data": dict, "config": dict, "compute": dict,
+    "ingested": {"model_ids": STR_LIST},
+}
+
+
+def _shape_error(node: dict, shape: dict, where: str = "") -> str | None:
+    """Where `node` departs from `shape` (nested dicts, types, STR_LIST), or None."""
+    for key, want in shape.items():
+        value = node.get(key)
+        if value is None:
+            continue
+        if isinstance(want, dict):
+            if not isinstance(value, dict):
+                return f"{where}{key} is a {type(value).__name__}, not an object"
+            nested = _shape_error(value, want, f"{where}{key}.")
+            if nested:
+                return nested
+        elif want is STR_LIST:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                return f"{where}{key} is not a list of strings"
+        elif not isinstance(value, want):
+            return f"{where}{key} is a {type(value).__name__}, not a {want.__name__}"
+    return None
+
+
 def _check_summary_matches(cell_dir: Path, summary: dict, n_records: int) -> str | None:
     """Records must be the ones the summary was written over (same count, same part checksums)."""
     if summary.get("n_questions") not in (None, n_records):
-        return f"summary.json says {summary['n_questions']} questions but the records hold {n_records}"
+        return f"summary.json says {json.dumps(summary['n_questions'])[:40]} questions but the records hold {n_records}"
     listed = summary.get("records")
     if not isinstance(listed, list):
-        return None
+        return "summary.json lists no record parts ('records' is missing or not a list)"
+    malformed = [entry for entry in listed if not (isinstance(entry, dict) and isinstance(entry.get("file"), str))]
+    if malformed:
+        return f"summary.json has {len(malformed)} malformed entry(ies) in 'records', e.g. {str(malformed[0])[:80]}"
     on_disk = {p.name: p for p in records.part_paths(cell_dir)}
-    named = {entry.get("file"): entry.get("sha256") for entry in listed if isinstance(entry, dict)}
+    named = {entry["file"]: entry.get("sha256") for entry in listed}
     if set(named) != set(on_disk):
         extra, gone = sorted(set(on_disk) - set(named)), sorted(set(named) - set(on_disk))
         return f"record parts differ from those listed in summary.json (extra: {extra or 'none'}; missing: {gone or 'none'})"
@@ -122,6 +167,9 @@ def load_cell(cell_dir: Path) -> CellData | str:
     mismatch = _check_summary_matches(cell_dir, summary, len(read.records))
     if mismatch:
         return mismatch
+    malformed = _shape_error(summary, SUMMARY_SHAPE)
+    if malformed:
+        return f"summary.json is malformed: {malformed}"
     rows = sorted(read.records, key=lambda r: r["key"])
     label = np.array([r["label"] for r in rows], dtype=object)
     pred = {rule: np.array([r[f"pred_{rule}"] for r in rows], dtype=object) for rule in metrics.PARSE_RULES}

@@ -40,6 +40,10 @@ def group_choices(group: str) -> list[str]:
 
 
 def _override_values(override) -> list[str]:
+    from hydra.core.override_parser.types import ValueType
+
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP:  # glob(...) expands to existing choices only
+        return []
     if override.is_sweep_override():
         return [str(v) for v in override.sweep_string_iterator()]
     value = override.value()
@@ -115,6 +119,10 @@ def model_geometry(model_cfg) -> ModelGeometry:
 
     if loading.source_of(model_cfg) == "tiny":
         return ModelGeometry.from_config(tiny.build_config(**dict(model_cfg.get("dims") or {})))
+    if loading.source_of(model_cfg) == "original":  # two config files, LLaVA's flat one and CLIP's
+        from prune_eval.models import original
+
+        return ModelGeometry.from_config(original.config_of(model_cfg))
     loading.check_available(model_cfg)
     from transformers import LlavaConfig
 
@@ -133,6 +141,9 @@ def _model_identity(model_cfg) -> dict[str, Any]:
         identity.update(init_seed=int(model_cfg.get("init_seed", 0)), dims=OmegaConf.to_container(model_cfg.get("dims") or {}))
     else:
         identity.update(checkpoint=loading.checkpoint_location(model_cfg), revision=model_cfg.get("revision"))
+    if source == "original":  # the CLIP tower is a second checkpoint; the tokenizer is the slow sentencepiece one
+        identity.update(vision_tower=str(model_cfg.get("vision_tower_path") or model_cfg.get("vision_tower")),
+                        vision_tower_revision=model_cfg.get("vision_tower_revision"), tokenizer="sentencepiece-slow")
     if source == "toy":  # shipped with the code: retrained weights are another experiment
         weights = Path(loading.checkpoint_location(model_cfg)) / "model.safetensors"
         identity["weights_sha256"] = sha256_file(weights) if weights.is_file() else None
@@ -150,14 +161,77 @@ def _data_identity(data_cfg) -> dict[str, Any]:
 
 def plan_cell(cfg: DictConfig) -> CellSpec:
     """Validate a composed config and name its cell. Raises PruneEvalError naming the bad value."""
-    from prune_eval.data import DATASETS
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return _plan_cell(cfg)
+    except OmegaConfBaseException as e:  # a deleted key, an interpolation that does not resolve
+        raise config_error(cfg, e) from None
+
+
+def config_error(cfg: DictConfig, error: Exception) -> PruneEvalError:
+    """One line for an OmegaConf error met while reading a composed config: the key and its raw value."""
+    key = getattr(error, "full_key", None) or "?"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    try:
+        node = cfg
+        for part in key.split("."):
+            node = node._get_node(part)
+        raw = f"={node._value()}"
+    except Exception:
+        raw = ""
+    return PruneEvalError(f"config key {key}{raw} cannot be used: {first}")
+
+
+EVAL_NUMBERS = {"batch_size": 1, "max_new_tokens": 1, "part_size": 1, "batch_images": 1, "batch_tokens": 1}  # key: minimum
+EVAL_FLAGS = ("fast", "stop_when_decided", "compile")
+MAX_NEW_TOKENS = 4096  # LLaVA-1.5's context length: no answer can be longer
+GROUP_NODES = ("model", "method", "quant", "data", "preprocess", "eval")
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """Every key resolves, groups are groups, `device` and `eval.*` have allowed values."""
+    import torch
+
+    for key in cfg:
+        if key != "hydra":  # resolve everything now: a broken ${...} is an error before any job starts
+            node = cfg[key]
+            if OmegaConf.is_config(node):
+                OmegaConf.to_container(node, resolve=True)
+    for group in GROUP_NODES:
+        if not isinstance(cfg.get(group), DictConfig):
+            raise PruneEvalError(f"{group}={cfg.get(group)}; {group} is a group of options, set its keys ({group}.name=..., ...)")
+    init_seed = cfg.model.get("init_seed", 0)
+    if not isinstance(init_seed, int) or isinstance(init_seed, bool) or init_seed < 0:
+        raise PruneEvalError(f"model.init_seed={init_seed}; must be a non-negative whole number")
+    device = cfg.get("device", "auto")
+    try:
+        if device != "auto":
+            torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise PruneEvalError(f"device={device}; allowed: auto, cpu, cuda, cuda:N") from None
+    for key, minimum in EVAL_NUMBERS.items():
+        value = cfg.eval.get(key, minimum)
+        limit = MAX_NEW_TOKENS if key == "max_new_tokens" else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (limit and value > limit):
+            allowed = f"{minimum}..{limit}" if limit else f"a whole number >= {minimum}"
+            raise PruneEvalError(f"eval.{key}={value}; allowed: {allowed}")
+    for key in EVAL_FLAGS:
+        if not isinstance(cfg.eval.get(key, False), bool):
+            raise PruneEvalError(f"eval.{key}={cfg.eval.get(key)}; allowed: true, false")
+
+
+def _plan_cell(cfg: DictConfig) -> CellSpec:
+    from prune_eval.data import DATASETS, check_data_options
     from prune_eval.data.images import PREPROCESSORS
     from prune_eval.models.loading import SOURCES, source_of
     from prune_eval.models.quant import precision_of
 
+    check_run_options(cfg)
     for group, registry_names in (("data", DATASETS.names()), ("preprocess", PREPROCESSORS.names())):
         if cfg[group].name not in registry_names:
             raise unknown_choice(group, cfg[group].name, registry_names)
+    check_data_options(cfg.data)
     if source_of(cfg.model) not in SOURCES:
         raise unknown_choice("model source", cfg.model.get("source"), SOURCES)
     precision_of(cfg.quant)  # validates quant options
@@ -166,17 +240,13 @@ def plan_cell(cfg: DictConfig) -> CellSpec:
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise PruneEvalError(f"budget={budget}; must be a positive whole number of visual tokens")
     seed = cfg.seed
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise PruneEvalError(f"seed={seed}; must be a non-negative whole number")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0 or seed >= 2**63:
+        raise PruneEvalError(f"seed={seed}; must be a non-negative whole number below 2**63")
     geometry = model_geometry(cfg.model)
     if budget > geometry.n_patches:
         raise PruneEvalError(f"budget={budget} is larger than the {geometry.n_patches} visual tokens of model '{cfg.model.name}'; allowed: 1..{geometry.n_patches}")
     user_params = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
     params = method.resolve(user_params, budget, geometry)
-    if int(cfg.eval.max_new_tokens) < 1:
-        raise PruneEvalError(f"eval.max_new_tokens={cfg.eval.max_new_tokens}; must be at least 1")
-    if int(cfg.eval.batch_size) < 1:
-        raise PruneEvalError(f"eval.batch_size={cfg.eval.batch_size}; must be at least 1")
     experiment = {
         "model": _model_identity(cfg.model),
         "quant": OmegaConf.to_container(cfg.quant, resolve=True),

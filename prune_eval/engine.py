@@ -23,7 +23,7 @@ import torch
 from prune_eval.data import images as image_ops
 from prune_eval.data.pope import Question
 from prune_eval.methods import Method
-from prune_eval.models.llm import KVCache, LayerHook, TokenMeta, greedy_tokens, run_layers
+from prune_eval.models.llm import KVCache, LayerHook, TokenMeta, check_finite, greedy_tokens, run_layers
 from prune_eval.models.loading import ModelBundle
 from prune_eval.models.prompt import TokenizedPrompts, tokenize_prompts
 from prune_eval.models.vision import encode_images
@@ -138,6 +138,7 @@ def generate_rows(
     cache = KVCache(lm.n_layers, reserve=settings.max_new_tokens)
     out, _ = run_layers(lm, hidden, positions, TokenMeta(slot, segment), cache, decoding=False, hook=hook)
     next_ids, logits = greedy_tokens(lm, out[:, -1])  # (B,), (B, V)
+    check_finite(logits)
     first_logits = logits
     step_logits = [logits] if keep_step_logits else None
     per_layer = getattr(hook, "visual_per_layer", None) or [[n_visual] * lm.n_layers for _ in range(batch)]
@@ -165,6 +166,7 @@ def generate_rows(
             lm, embed(next_ids[:, None]), (last_position + 1 + step)[:, None], step_meta, cache, decoding=True
         )
         next_ids, logits = greedy_tokens(lm, out[:, -1])
+        check_finite(logits, torch.tensor([s is None for s in stop]))
         if step_logits is not None:
             step_logits.append(logits)
     return [

@@ -45,7 +45,7 @@ from prune_eval.engine import (
     visual_tokens,
 )
 from prune_eval.methods import Method
-from prune_eval.models.llm import KVCache, TokenMeta, greedy_tokens, run_layers
+from prune_eval.models.llm import KVCache, TokenMeta, check_finite, greedy_tokens, run_layers
 from prune_eval.models.loading import ModelBundle
 
 
@@ -136,6 +136,7 @@ def generate_packed(
     out, _ = run_layers(lm, hidden[:, shared:], positions[:, shared:], TokenMeta(slot[:, shared:], segment[:, shared:]), cache, decoding=False)
     next_ids, first_logits = greedy_tokens(lm, out.gather(1, (last - shared).clamp(min=0)[..., None].expand(-1, -1, dim)))  # (G, Q), (G, Q, V)
     active = rows.lengths > 0  # (G, Q) on the CPU: which questions still decode
+    check_finite(first_logits, active)
     generated = [[[] for _ in row] for row in prompts]
     stop: list[list[str | None]] = [[None] * len(row) for row in prompts]
     question_ids = torch.arange(1, n_questions + 1).expand(n_rows, n_questions)
@@ -162,7 +163,8 @@ def generate_packed(
         step_segment = torch.where(active, question_ids, torch.full_like(question_ids, -1)).to(device, non_blocking=True)
         step_positions = (shared + rows.lengths + step).to(device, non_blocking=True)
         out, _ = run_layers(lm, lm.embed_tokens(next_ids), step_positions, TokenMeta(step_slot, step_segment), cache, decoding=True)
-        next_ids, _ = greedy_tokens(lm, out)
+        next_ids, logits = greedy_tokens(lm, out)
+        check_finite(logits, active)
     return [
         [
             Generation(generated[g][i], decoded_text(tokenizer, generated[g][i]), stop[g][i] or STOP_LENGTH, first_logits[g, i],

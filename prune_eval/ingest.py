@@ -45,7 +45,7 @@ def match_answers(answers: list[dict], questions: list[pope.Question], *, llava_
     by_key = {q.key: q for q in questions}
     matched: dict[str, tuple[pope.Question, dict]] = {}
     for line, answer in enumerate(answers, start=1):
-        qid = int(answer["question_id"])
+        qid = pope.question_id(answer["question_id"], f"{path}:{line}")
         if llava_ids:
             category = next((s for s, off in sorted(pope.LLAVA_ID_OFFSET.items(), key=lambda x: -x[1]) if qid > off), None)
             key = f"{category}/{qid - pope.LLAVA_ID_OFFSET[category]}" if category else None
@@ -61,7 +61,7 @@ def match_answers(answers: list[dict], questions: list[pope.Question], *, llava_
         question = by_key[key]
         prompt = answer.get("prompt")
         if prompt is not None and not str(prompt).startswith(question.question):
-            raise PruneEvalError(f"{path}:{line}: answer's prompt {str(prompt).splitlines()[0]!r} is not question {key} {question.question!r}")
+            raise PruneEvalError(f"{path}:{line}: answer's prompt {(str(prompt).splitlines() or [''])[0]!r} is not question {key} {question.question!r}")
         if not isinstance(answer["text"], str):
             raise PruneEvalError(f"{path}:{line}: 'text' must be a string, got {type(answer['text']).__name__}")
         matched[key] = (question, answer)

@@ -8,9 +8,13 @@ A cell directory holds
 - `summary.json` (written last, atomically): the resolved config, metrics, versions, checksums; its
   presence means the cell is complete.
 - `error.json` when the last attempt failed: message and traceback.
+- `model.json`: what the last model load found out (prune_eval.cell), for the summary.
+- `.<name>.<random>.tmp`: an atomic write killed before its rename; never read, removed by the next
+  run of the cell (under its lock).
 
 Readers never trust a part without its footer, and refuse records whose question appears twice with
-different content. Records carry `schema_version`; readers accept every version listed in
+different content or fields of the wrong type (FIELD_TYPES). Records carry `schema_version`; readers
+accept every version listed in
 `READABLE_SCHEMAS`.
 """
 
@@ -23,6 +27,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prune_eval import faults
+from prune_eval.errors import PruneEvalError
 
 SCHEMA_VERSION = 1
 READABLE_SCHEMAS = (1,)
@@ -53,24 +60,53 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory, fsync, rename, fsync the directory."""
+    """Write via a temporary file in the same directory, fsync, rename, fsync the directory.
+
+    Whatever happens (a kill, a full disk), `path` holds its old content or the new one, never a
+    part of it. A failed write (disk full, no permission) leaves no temporary file behind and is a
+    PruneEvalError naming the file. The two halves of `data` are written separately only so that
+    prune_eval.faults can kill the process half-way through, as a test; it costs one write call.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from None
+    view, half = memoryview(data), len(data) // 2
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(view[:half])
+            f.flush()
+            faults.checkpoint("mid-write", path)
+            f.write(view[half:])
             f.flush()
             os.fsync(f.fileno())
+        faults.checkpoint("before-rename", path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_error(path: Path, error: OSError) -> PruneEvalError:
+    return PruneEvalError(f"cannot write {path}: {error.strerror or error}" + (f" (errno {error.errno})" if error.errno else ""))
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files of atomic writes that were killed before their rename. Only safe
+    where no other process can be writing (a cell's folder while its lock is held)."""
+    stale = list(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -105,29 +141,57 @@ class BadPart(Exception):
 
 
 def read_part(path: Path) -> list[dict]:
+    """The records of one part, or BadPart saying why it cannot be trusted."""
     data = Path(path).read_bytes()
     if not data.endswith(b"\n"):
         raise BadPart(f"{path}: truncated (no final newline)")
     lines = data.split(b"\n")[:-1]
     if not lines:
         raise BadPart(f"{path}: empty")
-    try:
-        footer = json.loads(lines[-1])["_footer"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise BadPart(f"{path}: no footer line (truncated or not written by prune_eval)") from None
+    footer = _json_line(lines[-1])
+    footer = footer.get("_footer") if isinstance(footer, dict) else None
+    if not isinstance(footer, dict):
+        raise BadPart(f"{path}: no footer line (truncated or not written by prune_eval)")
     body = b"".join(line + b"\n" for line in lines[:-1])
     if hashlib.sha256(body).hexdigest() != footer.get("sha256") or len(lines) - 1 != footer.get("count"):
         raise BadPart(f"{path}: checksum mismatch (edited or corrupted after writing)")
     records = []
     for number, line in enumerate(lines[:-1], start=1):
-        record = json.loads(line)
+        record = _json_line(line)
+        if not isinstance(record, dict):
+            raise BadPart(f"{path}:{number}: not a JSON object")
         if record.get("schema_version") not in READABLE_SCHEMAS:
             raise BadPart(f"{path}:{number}: schema_version {record.get('schema_version')!r}; readable: {READABLE_SCHEMAS}")
         missing = [f for f in RECORD_FIELDS if f not in record]
         if missing:
             raise BadPart(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+        wrong = [f"{f}={record[f]!r}" for f, types in FIELD_TYPES.items() if not _has_type(record[f], types)]
+        if wrong:
+            raise BadPart(f"{path}:{number}: wrong type(s) {', '.join(wrong)}")
         records.append(record)
     return records
+
+
+# What each field must hold (ingested answer files have no token counts or stop reasons).
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **{f: (str,) for f in ("key", "split", "image", "label", "question", "raw_answer", "pred_llava", "pred_exact")},
+    "question_id": (int,),
+    "visual_tokens": (int, type(None)),
+    "new_tokens": (int, type(None)),
+    "stop_reason": (str, type(None)),
+}
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def _json_line(line: bytes) -> Any:
+    """A parsed line, or None if it is not JSON (also: not UTF-8, nested too deep)."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
 
 
 @dataclass

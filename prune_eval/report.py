@@ -625,7 +625,7 @@ def write_report(sweep_dir: Path, *, n_resamples: int = N_RESAMPLES, seed: int =
     files = render.render_all(analysis, figures=figures)
     for stale in out.glob("*.png") if out.is_dir() else ():
         if stale.name not in files:
-            stale.unlink()
+            stale.unlink(missing_ok=True)  # a report written at the same time may have removed it
     for name, data in files.items():
         atomic_write_bytes(out / name, data)
     return out / "report.md"

@@ -9,6 +9,7 @@ cell ever requested there, which is how the report lists missing cells.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -17,13 +18,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from prune_eval.cellfiles import cell_status, error_message, read_summary
+from prune_eval.cellfiles import cell_status, error_message, lock_holder, read_summary
 from prune_eval.config import check_inputs, explain_composition_error, plan_cell
 from prune_eval.errors import PruneEvalError
 from prune_eval.records import atomic_write_json
 
 log = logging.getLogger("prune_eval")
-PLAN = "plan.json"
+PLAN, PLAN_LOCK = "plan.json", ".plan.lock"
 
 
 @dataclass
@@ -66,12 +67,23 @@ def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Dict
 
 
 def record_plan(sweep_dir: Path, planned: list[PlannedCell]) -> None:
-    """Merge this sweep's cells into plan.json (cells requested by earlier sweeps stay listed)."""
+    """Merge this sweep's cells into plan.json (cells requested by earlier sweeps stay listed).
+
+    Read, merge and write happen under an flock on `.plan.lock`, so two sweeps started on the same
+    directory at once both keep their cells (without it, the later write drops the earlier one's).
+    """
     path = Path(sweep_dir) / PLAN
-    plan = json.loads(path.read_text()) if path.exists() else {"cells": {}}
-    for cell in planned:
-        plan["cells"][cell.name] = {"overrides": cell.overrides, "aliases": cell.aliases}
-    atomic_write_json(path, plan)
+    with open(Path(sweep_dir) / PLAN_LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            plan = json.loads(path.read_text()) if path.exists() else {"cells": {}}
+            if not isinstance(plan, dict) or not isinstance(plan.get("cells"), dict):
+                raise ValueError("no 'cells' object")
+        except (OSError, ValueError) as e:
+            raise PruneEvalError(f"{path} is unreadable ({e}); fix or remove it (it lists the cells requested so far)") from None
+        for cell in planned:
+            plan["cells"][cell.name] = {"overrides": cell.overrides, "aliases": cell.aliases}
+        atomic_write_json(path, plan)
 
 
 def launch(launcher, cells: list[PlannedCell], sweep_dir: Path) -> list:
@@ -113,6 +125,9 @@ def describe_outcome(sweep_dir: Path, planned: list[PlannedCell], skipped: int) 
     )
     failed = [n for n, s in statuses.items() if s == "failed"]
     tail = "".join(f"\n  failed: {n}: {error_message(Path(sweep_dir) / n)}" for n in failed)
+    busy = [n for n, s in statuses.items() if s == "busy"]
+    tail += "".join(f"\n  busy: {n}: being computed by another process ({lock_holder(Path(sweep_dir) / n) or 'unknown'}); "
+                    "left alone, rerun this sweep once it has finished" for n in busy)
     footer = f"\nrecords: {sweep_dir}/<cell>/records/  summaries: {sweep_dir}/<cell>/summary.json"
     return head + "\n" + table + tail + footer, all(s == "complete" for s in statuses.values())
 

@@ -22,9 +22,11 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -34,16 +36,17 @@ from prune_eval.fast import group_by_image, pack_rows
 from prune_eval.models import tiny
 from prune_eval.models.llm import KVCache, LanguageModel, TokenMeta, run_layers
 from prune_eval.models.prompt import tokenize_prompts
+from prune_eval.provenance import git_state
 
 TRAIN_DATA_SEED = 1000
-DIMS = {"vision_hidden": 64, "vision_layers": 3, "vision_heads": 4, "text_hidden": 128, "text_layers": 6, "text_heads": 2}
+DIMS = {"vision_hidden": 128, "vision_layers": 4, "vision_heads": 4, "text_hidden": 128, "text_layers": 6, "text_heads": 2}
 
 
-def toy_config():
+def toy_config(dims: dict | None = None):
     """The toy's shapes: 6 LLM layers (SparseVLM's layers map by the scaled rule to 0/1/2[/3]),
     64-wide attention heads (v2's gravity divisor stays positive over the prompt length), widths
     that are multiples of 64 (bitsandbytes' CPU 4-bit kernels)."""
-    return tiny.build_config(**DIMS)
+    return tiny.build_config(**{**DIMS, **(dims or {})})
 
 
 def training_rows(tokenizer, questions, image_token_id: int):
@@ -60,8 +63,8 @@ COLOR_NAMES = ("none", *synthetic.COLORS)
 SHAPE_NAMES = ("none", *synthetic.SHAPES)
 
 
-def _inside(obj: synthetic.SceneObject, x: float, y: float) -> bool:
-    """Whether (x, y) lies on the drawn shape (as render_scene draws it)."""
+def _inside(obj: synthetic.SceneObject, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Which points (x, y) lie on the drawn shape (as render_scene draws it)."""
     x0, y0, x1, y1 = obj.box
     shape = obj.name.split(" ")[1]
     if shape == "circle":
@@ -69,32 +72,26 @@ def _inside(obj: synthetic.SceneObject, x: float, y: float) -> bool:
         return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
     if shape == "square":
         inset = (x1 - x0) // 8
-        return x0 + inset <= x <= x1 - inset and y0 + inset <= y <= y1 - inset
-    if not (y0 <= y <= y1):  # triangle: apex at the top centre, base at the bottom
-        return False
-    half = (x1 - x0) / 2 * (y - y0) / max(1, y1 - y0)
-    return abs(x - (x0 + x1) / 2) <= half
+        return (x0 + inset <= x) & (x <= x1 - inset) & (y0 + inset <= y) & (y <= y1 - inset)
+    half = (x1 - x0) / 2 * (y - y0) / max(1, y1 - y0)  # triangle: apex at the top centre, base at the bottom
+    return (y0 <= y) & (y <= y1) & (np.abs(x - (x0 + x1) / 2) <= half)
 
 
 def patch_targets(scene: synthetic.Scene, grid: int = 24, size: int = 336) -> tuple[torch.Tensor, torch.Tensor]:
-    """Colour and shape class of each patch of the `pad`-preprocessed image (0 = background).
+    """Colour and shape class of each patch centre of the `pad`-preprocessed image (0 = background).
 
     The dense labels of the vision tower's pre-training stage: they stand in for CLIP's pre-training,
     which gives LLaVA a vision tower whose patch features already describe what is where."""
     width, height = scene.size
     side = max(width, height)
-    offset_x, offset_y = (side - width) // 2, (side - height) // 2
-    colors, shapes = torch.zeros(grid * grid, dtype=torch.long), torch.zeros(grid * grid, dtype=torch.long)
-    patch = size / grid
-    for row in range(grid):
-        for col in range(grid):
-            x = (col + 0.5) * patch * side / size - offset_x
-            y = (row + 0.5) * patch * side / size - offset_y
-            for obj in scene.objects:
-                if _inside(obj, x, y):
-                    color, shape = obj.name.split(" ")
-                    colors[row * grid + col], shapes[row * grid + col] = COLOR_NAMES.index(color), SHAPE_NAMES.index(shape)
-    return colors, shapes
+    centres = (np.arange(grid) + 0.5) * (size / grid) * side / size
+    x, y = np.meshgrid(centres - (side - width) // 2, centres - (side - height) // 2)  # (grid, grid), row-major like the patches
+    colors, shapes = np.zeros(grid * grid, dtype=np.int64), np.zeros(grid * grid, dtype=np.int64)
+    for obj in scene.objects:
+        color, shape = obj.name.split(" ")
+        inside = _inside(obj, x, y).reshape(-1)
+        colors[inside], shapes[inside] = COLOR_NAMES.index(color), SHAPE_NAMES.index(shape)
+    return torch.from_numpy(colors), torch.from_numpy(shapes)
 
 
 def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -106,9 +103,61 @@ def dense_loss(heads: torch.nn.ModuleDict, features: torch.Tensor, colors: torch
     return F.cross_entropy(heads["color"](features).flatten(0, 1), colors.flatten()) + F.cross_entropy(heads["shape"](features).flatten(0, 1), shapes.flatten())
 
 
-def loss_of(model, lm: LanguageModel, vision: torch.Tensor, prefix, rows, eos: int) -> torch.Tensor:
-    """Cross-entropy of each question's answer word and of EOS after it, all questions packed."""
+@torch.no_grad()
+def vision_probe(model, heads: torch.nn.ModuleDict, target: torch.device, seed: int, images: int = 32) -> dict:
+    """How well the pre-trained tower's patch features name colour and shape, on images no training
+    step uses: the ceiling of what the LLM can read from them."""
+    pixel_values, colors, shapes, _ = batch_of(seed, 0, "probe", images, tiny.build_image_processor())
+    features = vision_features(model, pixel_values.to(target))
+    colors, shapes = colors.to(target), shapes.to(target)
+    on_object = colors > 0
+    color_ok, shape_ok = heads["color"](features).argmax(-1) == colors, heads["shape"](features).argmax(-1) == shapes
+    return {"object_patch_colour_accuracy": round(float(color_ok[on_object].float().mean()), 4),
+            "object_patch_shape_accuracy": round(float(shape_ok[on_object].float().mean()), 4),
+            "background_patch_accuracy": round(float(color_ok[~on_object].float().mean()), 4)}
+
+
+def word_targets(lm: LanguageModel, tokenizer, colors: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+    """What the projector should output for each patch: the sum of the input embeddings of its
+    colour and shape words; for background the embedding of "image" (not zero: the LLM's RMSNorm
+    would blow a near-zero vector up to noise). Detached. (B, 576, D)"""
+    background = tokenizer.convert_tokens_to_ids("image")
+    color_ids = torch.tensor([tokenizer.convert_tokens_to_ids(n) if n != "none" else background for n in COLOR_NAMES], device=colors.device)
+    shape_ids = torch.tensor([tokenizer.convert_tokens_to_ids(n) if n != "none" else background for n in SHAPE_NAMES], device=colors.device)
+    table = lm.embed_tokens.weight.detach()
+    return table[color_ids[colors]] + table[shape_ids[shapes]]
+
+
+def alignment_loss(model, lm: LanguageModel, tokenizer, vision: torch.Tensor, colors: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+    """LLaVA's stage-1 idea (align visual tokens with the LLM's word space) as a dense regression:
+    object patches towards their words' embeddings, background towards "image", each half weighted alike."""
+    error = (model.model.multi_modal_projector(vision) - word_targets(lm, tokenizer, colors, shapes)).pow(2).mean(-1)
+    objects = colors > 0
+    return error[objects].mean() + error[~objects].mean()
+
+
+def curriculum_tokens(colors: torch.Tensor, background_share: float, generator: torch.Generator) -> torch.Tensor:
+    """Which visual tokens the LLM sees at one training step: every object patch and a random
+    `background_share` of the background patches, in raster order (B, K).
+
+    Finding the one patch that answers a question among 576 is a needle search whose gradient is
+    diluted 576-fold at the start; with few background tokens the LLM learns the search in a few
+    hundred steps, and the share then grows to 1 (all 576 tokens, as at test time)."""
+    n_patches = colors.shape[1]
+    if background_share >= 1:
+        return torch.arange(n_patches, device=colors.device).expand(colors.shape[0], -1)
+    objects = colors > 0
+    n_keep = int((objects.sum(1) + (background_share * (~objects).sum(1)).round().long()).max())
+    priority = torch.rand(colors.shape, generator=generator).to(colors.device) + 2 * objects  # objects first
+    return priority.topk(max(1, n_keep), dim=1).indices.sort(dim=1).values
+
+
+def loss_of(model, lm: LanguageModel, vision: torch.Tensor, prefix, rows, eos: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of each question's answer word and of EOS after it, all questions packed;
+    `keep` (B, K) selects the visual tokens the LLM sees (curriculum_tokens), None = all."""
     visual = model.model.multi_modal_projector(vision)  # (B, 576, D)
+    if keep is not None:
+        visual = visual.gather(1, keep[..., None].expand(-1, -1, visual.shape[-1]))
     packed = pack_rows(prefix, visual.shape[1], rows)
     packed = type(packed)(*(t.to(visual.device) for t in (packed.ids, packed.is_visual, packed.segment, packed.positions, packed.last, packed.lengths)))
     hidden = lm.embed_tokens(packed.ids).masked_scatter(packed.is_visual[..., None], visual)
@@ -186,8 +235,9 @@ def _optimizer(parameters, lr: float, steps: int):
     return optimizer, schedule
 
 
-def train(out: Path, *, seed: int = 0, vision_steps: int = 300, steps: int = 3000, images_per_step: int = 16, lr: float = 2e-3,
-          threads: int = 2, workers: int = 0, device: str = "cpu", log_every: int = 100) -> dict:
+def train(out: Path, *, seed: int = 0, vision_steps: int = 1500, align_steps: int = 100, steps: int = 2000, images_per_step: int = 16,
+          lr: float = 2e-3, question_lr_scale: float = 0.125, curriculum: float = 0.4, threads: int = 2, workers: int = 0, device: str = "cpu", log_every: int = 100,
+          dims: dict | None = None) -> dict:
     """Train the toy from scratch and save it (safetensors, tokenizer, image processor, training.json).
 
     Stage 1 pre-trains the vision tower on dense patch labels (colour and shape of every patch), as
@@ -196,11 +246,12 @@ def train(out: Path, *, seed: int = 0, vision_steps: int = 300, steps: int = 300
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     target = torch.device(device)
-    model = tiny.build_model(toy_config(), init_seed=seed).to(target).train()
+    dims = {**DIMS, **(dims or {})}
+    model = tiny.build_model(toy_config(dims), init_seed=seed).to(target).train()
     model.requires_grad_(True)
     torch.manual_seed(seed)
-    heads = torch.nn.ModuleDict({"color": torch.nn.Linear(DIMS["vision_hidden"], len(COLOR_NAMES)),
-                                 "shape": torch.nn.Linear(DIMS["vision_hidden"], len(SHAPE_NAMES))}).to(target)
+    heads = torch.nn.ModuleDict({"color": torch.nn.Linear(dims["vision_hidden"], len(COLOR_NAMES)),
+                                 "shape": torch.nn.Linear(dims["vision_hidden"], len(SHAPE_NAMES))}).to(target)
     tokenizer = tiny.build_tokenizer()
     lm = LanguageModel.from_llava(model)
     eos = tokenizer.eos_token_id
@@ -219,31 +270,50 @@ def train(out: Path, *, seed: int = 0, vision_steps: int = 300, steps: int = 300
         schedule.step()
         if step % log_every == 0 or step == vision_steps - 1:
             log("vision", step, dense=loss)
-    optimizer, schedule = _optimizer(list(model.parameters()) + list(heads.parameters()), lr, steps)
+    probe = vision_probe(model, heads, target, seed)
+    print(json.dumps({"stage": "vision probe", **probe}), flush=True)
+    optimizer, schedule = _optimizer(list(model.model.multi_modal_projector.parameters()), lr, align_steps)
+    for step, (pixel_values, colors, shapes, _) in enumerate(batches(seed, "align", align_steps, images_per_step, workers)):
+        with torch.no_grad():
+            vision = vision_features(model, pixel_values.to(target))
+        loss = alignment_loss(model, lm, tokenizer, vision, colors.to(target), shapes.to(target))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % log_every == 0 or step == align_steps - 1:
+            log("align", step, align=loss)
+    trainable = [p for name, p in model.named_parameters() if not name.startswith("model.vision_tower")]
+    optimizer, schedule = _optimizer(trainable, lr * question_lr_scale, steps)
+    generator = torch.Generator().manual_seed(seed)
     for step, (pixel_values, colors, shapes, questions) in enumerate(batches(seed, "questions", steps, images_per_step, workers)):
         prefix, _, rows = training_rows(tokenizer, questions, model.config.image_token_id)
-        vision = vision_features(model, pixel_values.to(target))
-        answer = loss_of(model, lm, vision, prefix, rows, eos)
-        dense = dense_loss(heads, vision, colors.to(target), shapes.to(target))
-        loss = answer + 0.1 * dense
+        with torch.no_grad():  # the vision tower stays as pre-trained, like LLaVA's frozen CLIP
+            vision = vision_features(model, pixel_values.to(target))
+        share = min(1.0, step / max(1, curriculum * steps)) ** 2  # background tokens seen: 0 -> all over the first `curriculum` of the steps
+        keep = curriculum_tokens(colors.to(target), share, generator)
+        answer = loss_of(model, lm, vision, prefix, rows, eos, keep)
+        align = alignment_loss(model, lm, tokenizer, vision, colors.to(target), shapes.to(target))
+        dense = align
+        loss = answer + 0.1 * align
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % log_every == 0 or step == steps - 1:
-            log("questions", step, answer=answer, dense=dense)
+            log("questions", step, answer=answer, align=dense, visual_tokens=torch.tensor(float(keep.shape[1])))
     model = model.to("cpu").eval().requires_grad_(False)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     tiny.build_image_processor().save_pretrained(out)
-    result = {"seed": seed, "vision_steps": vision_steps, "steps": steps, "images_per_step": images_per_step, "lr": lr,
+    result = {"seed": seed, "vision_steps": vision_steps, "align_steps": align_steps, "steps": steps, "question_lr_scale": question_lr_scale, "curriculum": curriculum, "images_per_step": images_per_step, "lr": lr,
               "device": str(target) if target.type == "cpu" else torch.cuda.get_device_name(target), "threads": threads,
               "train_data": {"generator": "pope-synthetic", "version": synthetic.GENERATOR_VERSION, "seed": TRAIN_DATA_SEED},
-              "dims": DIMS, "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - started, 1),
-              "history": history, "torch": torch.__version__}
+              "dims": dims, "vision_probe": probe, "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - started, 1),
+              "history": history, "torch": torch.__version__, "code": git_state(), "command": " ".join(sys.argv)}
     result["test"] = {"vanilla": evaluate(out, n_images=60)}
     (out / "training.json").write_text(json.dumps(result, indent=2))
     return result
@@ -255,8 +325,13 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--vision-steps", type=int, default=300)
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--vision-steps", type=int, default=1500)
+    t.add_argument("--align-steps", type=int, default=100)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--question-lr-scale", type=float, default=0.125)
+    t.add_argument("--curriculum", type=float, default=0.4, help="share of the question steps over which background tokens go from none to all")
+    t.add_argument("--dims", type=json.loads, default=None, help='JSON overrides of DIMS, e.g. \'{"text_hidden": 128, "text_heads": 2}\'')
+    t.add_argument("--log-every", type=int, default=100)
     t.add_argument("--images-per-step", type=int, default=16)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--threads", type=int, default=2)
@@ -269,8 +344,9 @@ def main() -> None:
     e.add_argument("--budget", type=int, default=576)
     args = parser.parse_args()
     if args.command == "train":
-        result = train(args.out, seed=args.seed, vision_steps=args.vision_steps, steps=args.steps, images_per_step=args.images_per_step,
-                       lr=args.lr, threads=args.threads, workers=args.workers, device=args.device)
+        result = train(args.out, seed=args.seed, vision_steps=args.vision_steps, align_steps=args.align_steps, steps=args.steps,
+                       images_per_step=args.images_per_step, lr=args.lr, question_lr_scale=args.question_lr_scale, curriculum=args.curriculum, threads=args.threads,
+                       workers=args.workers, device=args.device, log_every=args.log_every, dims=args.dims)
         print(json.dumps(result["test"]))
     else:
         print(json.dumps(evaluate(args.checkpoint, n_images=args.images, method=args.method, budget=args.budget)))

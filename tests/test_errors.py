@@ -22,6 +22,13 @@ CASES = {
     "version mismatch": (["experiment=demo", "data=pope", f"data.question_dir={POPE}/latest", "data.image_dir=/tmp"], ["data.version=llava-1.5 but the question files", "POPE 'latest'"]),
     "bad split": (["experiment=demo", "data.splits=[random,easy]"], ["unknown POPE split(s) easy", "allowed: adversarial, popular, random"]),
     "negative seed": (["experiment=demo", "seed=-1"], ["seed=-1; must be a non-negative whole number"]),
+    # found by the bad-input campaign (tests/test_bad_input.py), here through the real CLI
+    "eval number not a number": (["experiment=demo", "eval.batch_size=abc"], ["eval.batch_size=abc; allowed: a whole number >= 1"]),
+    "eval flag not a boolean": (["experiment=demo", "eval.stop_when_decided=no"], ["eval.stop_when_decided=no; allowed: true, false"]),
+    "interpolation that does not resolve": (["experiment=demo", "budget=${oc.env:PRUNE_EVAL_NOT_SET}"],
+                                            ["config key budget=${oc.env:PRUNE_EVAL_NOT_SET} cannot be used", "PRUNE_EVAL_NOT_SET"]),
+    "splits not a list in a sweep": (["-m", "experiment=demo", "data.splits=random"], ["data.splits=random; must be a list", "nothing was launched"]),
+    "glob sweep with a bad budget": (["-m", "experiment=demo", "method=glob(vani*)", "budget=0"], ["budget=0; must be a positive whole number", "nothing was launched"]),
 }
 
 

@@ -369,6 +369,25 @@ def test_cells_that_differ_only_in_tokenization_are_paired(tmp_path) -> None:
     assert c.pair.differs_in == "model/checkpoint: tokenization" and c.problem is None
 
 
+def test_cells_that_differ_only_in_checkpoint_layout_are_paired(tmp_path) -> None:
+    """llava-hf vs LLaVA's original checkpoint: the model identities plan_cell records for
+    model=llava-1.5-7b and model=llava-1.5-7b-original, everything else equal -> one paired comparison."""
+    from hydra import compose, initialize_config_dir
+
+    from prune_eval.config import CONF_DIR, _model_identity
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        identities = {m: _model_identity(compose(config_name="config", overrides=[f"model={m}"]).model)
+                      for m in ("llava-1.5-7b", "llava-1.5-7b-original")}
+    q = pope_questions("llava-1.5")[:240]
+    for sim, (name, identity) in enumerate(identities.items(), start=1):
+        write_cell(tmp_path, name, q, simulate(q, accuracy=0.8, seed=sim), experiment={**experiment_of("vanilla", 64), "model": identity})
+    (c,) = analyse(tmp_path).comparisons
+    assert c.problem is None and c.pair.factor == "model"
+    assert c.pair.differs_in == "model/checkpoint: checkpoint, name, source, tokenization, tokenizer, vision_tower"
+    assert any("llava-1.5-7b-original" in label for label in (c.pair.a.label, c.pair.b.label))
+
+
 def test_sign_flip_under_exact_match_is_named(tmp_path) -> None:
     # A is better under LLaVA's rule but writes 'Yes.' a third of the time: exact-match accuracy punishes it
     small_cell(tmp_path, "visionzip", "visionzip", accuracy=0.9, sim=1, dotted=0.35, n=1200)

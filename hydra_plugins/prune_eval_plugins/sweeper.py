@@ -48,6 +48,7 @@ class PruneEvalSweeper(Sweeper):
         from prune_eval import sweep
         from prune_eval.cell import cell_status
         from prune_eval.errors import PruneEvalError
+        from prune_eval.records import atomic_write_bytes
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]
@@ -58,9 +59,13 @@ class PruneEvalSweeper(Sweeper):
         except PruneEvalError as e:
             print(f"prune_eval: error: {e}", file=sys.stderr)
             sys.exit(2)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        sweep.record_plan(sweep_dir, planned)
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config).encode())  # a second sweep may write it too
+            sweep.record_plan(sweep_dir, planned)
+        except (PruneEvalError, OSError) as e:
+            print(f"prune_eval: error: {e}", file=sys.stderr)
+            sys.exit(2)
         todo = [c for c in planned if cell_status(sweep_dir / c.name) != "complete"]
         skipped = len(planned) - len(todo)
         log.info("sweep %s: %d job(s) -> %d cell(s); %d complete, launching %d", sweep_dir, len(jobs), len(planned), skipped, len(todo))

@@ -28,11 +28,34 @@ DATASETS: Registry[Callable[..., Dataset]] = Registry("data")
 
 
 def _splits(data_cfg) -> tuple[str, ...]:
-    splits = tuple(data_cfg.get("splits") or pope.SPLITS)
+    value = data_cfg.get("splits")
+    if value is None:
+        return pope.SPLITS
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise PruneEvalError(f"data.splits={value}; must be a list, e.g. data.splits=[random] or data.splits=[random,popular]")
+    splits = tuple(value)
     bad = [s for s in splits if s not in pope.SPLITS]
     if bad or not splits:
         raise PruneEvalError(f"unknown POPE split(s) {', '.join(map(str, bad)) or '(none given)'}; allowed: {', '.join(pope.SPLITS)}")
+    twice = sorted({s for s in splits if splits.count(s) > 1})
+    if twice:
+        raise PruneEvalError(f"data.splits={list(splits)} names {', '.join(twice)} twice; each split once")
     return splits
+
+
+def _whole_number(data_cfg, key: str, minimum: int) -> int:
+    value = data_cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PruneEvalError(f"data.{key}={value}; must be a whole number >= {minimum}")
+    return value
+
+
+def check_data_options(data_cfg) -> None:
+    """The options every data set shares, and the synthetic one's numbers, before anything is read."""
+    _splits(data_cfg)
+    if str(data_cfg.get("name")) == "pope-synthetic":
+        _whole_number(data_cfg, "n_images", 1)
+        _whole_number(data_cfg, "seed", 0)
 
 
 @DATASETS.register("pope")
@@ -54,9 +77,8 @@ def load_pope(data_cfg) -> Dataset:
 
 @DATASETS.register("pope-synthetic")
 def load_synthetic(data_cfg) -> Dataset:
-    n_images = int(data_cfg.n_images)
-    if n_images < 1:
-        raise PruneEvalError(f"data.n_images={n_images}; must be at least 1")
+    check_data_options(data_cfg)
+    n_images = data_cfg.n_images
     if str(data_cfg.version) != synthetic.GENERATOR_VERSION:
         raise PruneEvalError(f"data.version={data_cfg.version} for pope-synthetic; this code generates version {synthetic.GENERATOR_VERSION}")
     splits = _splits(data_cfg)

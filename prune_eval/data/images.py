@@ -75,6 +75,8 @@ def directory_loader(image_dir: Path) -> ImageLoader:
             raise PruneEvalError(f"image not found: {path}") from None
         except (UnidentifiedImageError, OSError) as e:
             raise PruneEvalError(f"image {path} cannot be decoded ({e}); re-download it") from None
+        except Exception as e:  # PIL's decoders also raise SyntaxError, ValueError, DecompressionBombError, ... on bad files
+            raise PruneEvalError(f"image {path} cannot be decoded ({type(e).__name__}: {e}); re-download it") from None
 
     return load
 

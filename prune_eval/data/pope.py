@@ -62,14 +62,20 @@ class Question:
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     """JSON lines with the given fields; a malformed line is an error naming file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PruneEvalError(f"{path}:{number}: not UTF-8 text; expected one JSON object per line") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PruneEvalError(f"{path}:{number}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+            except RecursionError:
+                raise PruneEvalError(f"{path}:{number}: JSON nested too deeply; expected one flat JSON object per line") from None
             if not isinstance(row, dict):
                 raise PruneEvalError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in required if k not in row]
@@ -77,6 +83,21 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
                 raise PruneEvalError(f"{path}:{number}: missing field(s) {', '.join(missing)}; required: {', '.join(required)}")
             rows.append(row)
     return rows
+
+
+def question_id(value, where: str) -> int:
+    """A question id as POPE and LLaVA write it: a whole number (a string of digits is accepted)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise PruneEvalError(f"{where}: question_id {json.dumps(value)[:40]} is not a whole number")
+
+
+def text_field(row: dict, key: str, where: str) -> str:
+    if not isinstance(row[key], str):
+        raise PruneEvalError(f"{where}: '{key}' must be a string, got {json.dumps(row[key])[:40]}")
+    return row[key]
 
 
 def pope_file(question_dir: Path, split: str) -> Path:
@@ -107,16 +128,18 @@ def load_pope_split(question_dir: Path, split: str) -> list[Question]:
     rows = read_jsonl(pope_file(question_dir, split), ("question_id", "image", "text", "label"))
     questions = []
     seen: set[int] = set()
+    path = pope_file(question_dir, split)
     for row in rows:
+        qid = question_id(row["question_id"], str(path))
         label = str(row["label"]).strip().lower()
         if label not in ("yes", "no"):
-            raise PruneEvalError(f"{pope_file(question_dir, split)}: question {row['question_id']} has label '{row['label']}'; allowed: yes, no")
-        qid = int(row["question_id"])
+            raise PruneEvalError(f"{path}: question {qid} has label {row['label']!r}; allowed: yes, no")
         if qid in seen:
-            raise PruneEvalError(f"{pope_file(question_dir, split)}: question_id {qid} appears twice")
+            raise PruneEvalError(f"{path}: question_id {qid} appears twice")
         seen.add(qid)
-        text = str(row["text"])
-        questions.append(Question(split, qid, str(row["image"]), text, label, text + ANSWER_SUFFIX))
+        text = text_field(row, "text", f"{path}: question {qid}")
+        image = text_field(row, "image", f"{path}: question {qid}")
+        questions.append(Question(split, qid, image, text, label, text + ANSWER_SUFFIX))
     return questions
 
 
@@ -130,23 +153,24 @@ def join_llava_questions(llava_question_file: Path, labelled: list[Question]) ->
     splits = {q.split for q in labelled}
     joined: list[Question] = []
     for row in read_jsonl(Path(llava_question_file), ("question_id", "image", "text", "category")):
+        llava_id = question_id(row["question_id"], str(llava_question_file))
         split = row["category"]
-        if split not in LLAVA_ID_OFFSET:
-            raise PruneEvalError(f"{llava_question_file}: category '{split}' of question {row['question_id']}; allowed: {', '.join(SPLITS)}")
+        if not isinstance(split, str) or split not in LLAVA_ID_OFFSET:
+            raise PruneEvalError(f"{llava_question_file}: category {split!r} of question {llava_id}; allowed: {', '.join(SPLITS)}")
         if split not in splits:
             continue
-        qid = int(row["question_id"]) - LLAVA_ID_OFFSET[split]
+        qid = llava_id - LLAVA_ID_OFFSET[split]
         pope = by_key.pop((split, qid), None)
         if pope is None:
             raise PruneEvalError(
                 f"{llava_question_file}: question {row['question_id']} ({split} {qid}) has no label in the POPE "
                 f"files; the question file and the label files are different POPE versions"
             )
-        text = str(row["text"])
+        text = text_field(row, "text", f"{llava_question_file}: question {llava_id}")
         if row["image"] != pope.image or not text.startswith(pope.question):
             raise PruneEvalError(
-                f"{llava_question_file}: question {row['question_id']} is '{text.splitlines()[0]}' on {row['image']}, "
-                f"but POPE {split} {qid} is '{pope.question}' on {pope.image}; the files are different POPE versions"
+                f"{llava_question_file}: question {llava_id} is {text[:80]!r} on {json.dumps(row['image'])[:80]}, "
+                f"but POPE {split} {qid} is {pope.question!r} on {pope.image!r}; the files are different POPE versions"
             )
         joined.append(Question(split, qid, pope.image, pope.question, pope.label, text))
     if by_key:

@@ -215,8 +215,14 @@ def resolve(params: dict[str, Any], budget: int, geometry: ModelGeometry) -> dic
             bias = default_bias if bias is None else bias
         else:
             source = "user"
+        for key, value in (("scale", scale), ("bias", bias)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or abs(value) == float("inf"):
+                raise PruneEvalError(f"method.{key}={value}; must be a finite number (SparseVLM v1: k = rank x scale + bias)")
         resolved.update(scale=float(scale), bias=float(bias), scale_bias_source=source, max_batch_size=1)
     else:
+        unused = [k for k in ("scale", "bias") if params.get(k) is not None]
+        if unused:
+            raise PruneEvalError(f"method.{unused[0]}={params[unused[0]]} is used by SparseVLM v1 only, not {version_name}; unset it or set method.version=v1")
         if budget not in version.schedules:
             raise PruneEvalError(f"SparseVLM {version_name} has no schedule for budget={budget}; available budgets: {', '.join(map(str, sorted(version.schedules)))}")
         resolved["schedule"] = list(version.schedules[budget])

@@ -94,6 +94,13 @@ def visionzip_tokens(vision: VisionOutputs, dominant: int, contextual: int) -> t
 
 def resolve(params: dict[str, Any], budget: int, geometry: ModelGeometry) -> dict[str, Any]:
     dominant, contextual = params.get("dominant"), params.get("contextual")
+    for key, value in (("dominant", dominant), ("contextual", contextual)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise PruneEvalError(f"method.{key}={value}; must be a whole number of tokens (or unset: the published split)")
+    if dominant is None and contextual is not None and not 0 <= contextual < budget:
+        raise PruneEvalError(f"method.contextual={contextual}; with budget={budget} it must be in 0..{budget - 1} (the rest are dominant tokens, at least 1)")
+    if contextual is None and dominant is not None and not 1 <= dominant <= budget:
+        raise PruneEvalError(f"method.dominant={dominant}; with budget={budget} it must be in 1..{budget} (the rest are contextual tokens)")
     if dominant is None and contextual is None:
         if budget in PUBLISHED_SPLITS:
             dominant, contextual = PUBLISHED_SPLITS[budget]

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prune_eval.errors import PruneEvalError
+
 
 @dataclass
 class TokenMeta:
@@ -220,6 +222,25 @@ def greedy_tokens(lm: LanguageModel, last_hidden: torch.Tensor) -> tuple[torch.T
     """(next token ids, logits) from the final hidden states (..., D)."""
     logits = lm.lm_head(last_hidden).float()
     return logits.argmax(-1), logits
+
+
+def check_finite(logits: torch.Tensor, active: torch.Tensor | None = None) -> None:
+    """Raise if a row that is still decoding has NaN or infinite logits.
+
+    argmax over NaN logits returns token 0 or the NaN's index: an answer nobody computed, which
+    would be scored like any other. logits (..., V); active (...) bool, None = every row (padding and
+    finished rows are not looked at). One reduction and one sync per decoding step, where the loop
+    reads the next tokens anyway.
+    """
+    finite = torch.isfinite(logits.amax(-1))  # (...,) False for a NaN, +inf, or nothing but -inf
+    if active is not None:
+        finite |= ~active.to(finite.device)
+    if not bool(finite.all()):
+        raise PruneEvalError(
+            f"the model produced NaN/inf logits for {int((~finite).sum())} of {finite.numel()} question(s) being decoded; "
+            "greedy decoding would pick an arbitrary token. The weights or activations overflowed or are corrupt: "
+            "check the checkpoint, or use quant=bf16 or fp32 instead of fp16"
+        )
 
 
 StopCheck = Callable[[list[int]], bool]

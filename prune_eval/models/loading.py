@@ -1,4 +1,5 @@
-"""Load a LLaVA checkpoint (hub id, local path, or the tiny model built in code) for evaluation.
+"""Load a LLaVA checkpoint (hub id, local path, the original LLaVA layout, or the tiny model built in
+code) for evaluation.
 
 `check_available` runs before any job starts, so a missing checkpoint is one clear message in the
 submitting process instead of a traceback on a GPU node. `load` returns a `ModelBundle`: the model,
@@ -21,11 +22,11 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import ModelGeometry
-from prune_eval.models import tiny
+from prune_eval.models import original, tiny
 from prune_eval.models.llm import LanguageModel
 
-SOURCES = ("hub", "path", "tiny", "toy")
-TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"  # trained by scripts/train_toy.py
+SOURCES = ("hub", "path", "tiny", "toy", "original")  # original: LLaVA's own layout (models/original.py)
+TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"  # trained by python -m prune_eval.toy train
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
@@ -69,7 +70,7 @@ def checkpoint_location(model_cfg) -> str:
 
 
 def source_of(model_cfg) -> str:
-    if model_cfg.get("source") in ("tiny", "toy"):
+    if model_cfg.get("source") in ("tiny", "toy", "original"):
         return model_cfg.source
     return "path" if model_cfg.get("path") else "hub"
 
@@ -87,6 +88,9 @@ def check_local_checkpoint(path: Path) -> None:
         raise PruneEvalError(f"{config_file} is not valid JSON") from None
     if model_type != "llava":
         raise PruneEvalError(f"model.path={path} holds a '{model_type}' checkpoint; expected a LLaVA checkpoint (model_type 'llava')")
+    if original.layout_of(json.loads(config_file.read_text())) == "original":
+        raise PruneEvalError(f"model.path={path} holds an original LLaVA checkpoint (LlavaLlamaForCausalLM layout); "
+                             f"use model=llava-1.5-7b-original (or -13b-original) with model.path={path}")
     if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
         raise PruneEvalError(f"model.path={path} has a config but no weights (*.safetensors or *.bin)")
 
@@ -95,6 +99,9 @@ def check_available(model_cfg) -> None:
     """Fail early, naming the checkpoint and how to get it, if it cannot be loaded here."""
     source = source_of(model_cfg)
     if source == "tiny":
+        return
+    if source == "original":
+        original.check_available(model_cfg)
         return
     if source in ("path", "toy"):
         check_local_checkpoint(Path(checkpoint_location(model_cfg)).expanduser())
@@ -153,6 +160,8 @@ def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_co
         else:
             model = model.to(device=device, dtype=dtype)
         tokenizer, image_processor = tiny.build_tokenizer(), tiny.build_image_processor()
+    elif source == "original":
+        model, tokenizer, image_processor, extra = original.load(model_cfg, dtype=dtype, device=device, quantization_config=quantization_config)
     else:
         model, tokenizer, image_processor = _load_pretrained(model_cfg, dtype, device, quantization_config)
     model.eval().requires_grad_(False)
@@ -166,6 +175,8 @@ def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_co
         "load_seconds": round(time.perf_counter() - started, 3),
         "tokenization": model_cfg.get("tokenization", "hf"),
     }
+    if source == "original":
+        info.update(extra)  # commit, vision tower, weights hashes, the checkpoint's mm_* fields
     return make_bundle(model, tokenizer, image_processor, dtype=dtype, device=device, tokenization=info["tokenization"], info=info)
 
 

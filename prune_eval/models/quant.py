@@ -54,6 +54,13 @@ for _name in ("fp32", "fp16", "bf16"):
     QUANTS.register(_name)(_plain)
 
 
+def _threshold(quant_cfg) -> float:
+    value = quant_cfg.get("threshold", 6.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise PruneEvalError(f"quant.threshold={value}; must be a number >= 0 (LLM.int8()'s outlier threshold, default 6.0)")
+    return float(value)
+
+
 @QUANTS.register("int8")
 def int8(quant_cfg) -> Precision:
     from transformers import BitsAndBytesConfig
@@ -61,7 +68,7 @@ def int8(quant_cfg) -> Precision:
     skip = _skip_list(quant_cfg)
     config = BitsAndBytesConfig(
         load_in_8bit=True,
-        llm_int8_threshold=float(quant_cfg.get("threshold", 6.0)),
+        llm_int8_threshold=_threshold(quant_cfg),
         llm_int8_skip_modules=skip,
     )
     return Precision(quant_cfg.name, dtype_of(quant_cfg.dtype), config, skip)
