@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -235,8 +236,8 @@ def _optimizer(parameters, lr: float, steps: int):
     return optimizer, schedule
 
 
-def train(out: Path, *, seed: int = 0, vision_steps: int = 1500, align_steps: int = 100, steps: int = 2000, images_per_step: int = 16,
-          lr: float = 2e-3, question_lr_scale: float = 0.125, curriculum: float = 0.4, threads: int = 2, workers: int = 0, device: str = "cpu", log_every: int = 100,
+def train(out: Path, *, seed: int = 0, vision_steps: int = 1500, align_steps: int = 100, steps: int = 3000, images_per_step: int = 16,
+          lr: float = 2e-3, question_lr_scale: float = 0.25, curriculum: float = 0.4, threads: int = 2, workers: int = 0, device: str = "cpu", log_every: int = 100,
           dims: dict | None = None) -> dict:
     """Train the toy from scratch and save it (safetensors, tokenizer, image processor, training.json).
 
@@ -244,6 +245,8 @@ def train(out: Path, *, seed: int = 0, vision_steps: int = 1500, align_steps: in
     CLIP's pre-training does for LLaVA; stage 2 trains everything on the POPE-style questions, keeping
     the dense loss at a small weight."""
     torch.set_num_threads(threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (before CUDA starts)
+    torch.use_deterministic_algorithms(True)  # e.g. memory-efficient attention's deterministic backward: same seed, same weights
     torch.manual_seed(seed)
     target = torch.device(device)
     dims = {**DIMS, **(dims or {})}
@@ -327,8 +330,8 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--vision-steps", type=int, default=1500)
     t.add_argument("--align-steps", type=int, default=100)
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--question-lr-scale", type=float, default=0.125)
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--question-lr-scale", type=float, default=0.25)
     t.add_argument("--curriculum", type=float, default=0.4, help="share of the question steps over which background tokens go from none to all")
     t.add_argument("--dims", type=json.loads, default=None, help='JSON overrides of DIMS, e.g. \'{"text_hidden": 128, "text_heads": 2}\'')
     t.add_argument("--log-every", type=int, default=100)
