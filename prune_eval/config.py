@@ -144,9 +144,11 @@ def _model_identity(model_cfg) -> dict[str, Any]:
     if source == "original":  # the CLIP tower is a second checkpoint; the tokenizer is the slow sentencepiece one
         identity.update(vision_tower=str(model_cfg.get("vision_tower_path") or model_cfg.get("vision_tower")),
                         vision_tower_revision=model_cfg.get("vision_tower_revision"), tokenizer="sentencepiece-slow")
-    if source == "toy":  # shipped with the code: retrained weights are another experiment
+    if source == "toy":  # shipped with the code: the weights' checksum, not where the package is installed, names them
         weights = Path(loading.checkpoint_location(model_cfg)) / "model.safetensors"
         identity["weights_sha256"] = sha256_file(weights) if weights.is_file() else None
+        if not model_cfg.get("path"):
+            identity["checkpoint"] = "prune_eval/assets/toy (shipped)"
     return identity
 
 

@@ -58,9 +58,9 @@ def test_every_method_plans_a_cell_on_the_demo(method: str) -> None:
     assert spec.name.startswith(method)
 
 
-def test_demo_experiment_selects_tiny_synthetic_cpu() -> None:
+def test_demo_experiment_selects_toy_synthetic_cpu() -> None:
     cfg = compose_with(["experiment=demo"])
-    assert cfg.model.name == "tiny" and cfg.data.name == "pope-synthetic" and cfg.device == "cpu" and cfg.quant.name == "fp32"
+    assert cfg.model.name == "toy" and cfg.data.name == "pope-synthetic" and cfg.device == "cpu" and cfg.quant.name == "fp32"
     assert cfg.name == "demo"
 
 

@@ -4,7 +4,7 @@ A cell's parts carry footers (count + sha256) and summary.json lists every part'
 (cellfiles.load_cell) checks both. A resumed cell moves an unverifiable part aside and answers its
 questions again. A model that produces NaN/inf logits fails its cell with one clear line instead of
 recording argmax-of-NaN answers. A full disk fails the write that hit it, leaves no half file, and
-the cell resumes once there is room. Cells run in-process here (tiny model, 18 questions).
+the cell resumes once there is room. Cells run in-process here (the demo's toy model, 18 questions).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_resume_quarantines_a_corrupt_part_and_recomputes_it(finished, tmp_path)
     loaded = cellfiles.load_cell(cell)
     assert not isinstance(loaded, str), loaded
     assert sorted(records.read_records(cell).records, key=lambda r: r["key"]) == expected
-    assert json.loads((cell / "summary.json").read_text())["model"]["source"] == "tiny"
+    assert json.loads((cell / "summary.json").read_text())["model"]["source"] == "toy"
 
 
 def test_summary_keeps_the_model_info_when_only_the_summary_was_missing(finished, tmp_path) -> None:

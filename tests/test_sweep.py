@@ -16,6 +16,7 @@ from PIL import Image
 
 from prune_eval import records
 from prune_eval.cell import cell_status
+from prune_eval.methods import sparsevlm
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def test_demo_sweep_writes_records_for_every_cell_and_resumes(tmp_path) -> None:
     for cell in found:
         summary = json.loads((cell / "summary.json").read_text())
         assert summary["status"] == "complete" and summary["n_questions"] == 3 * 3 * 6
-        assert summary["data"]["format"] == "synthetic" and summary["model"]["source"] == "tiny"
+        assert summary["data"]["format"] == "synthetic" and summary["model"]["source"] == "toy"
         assert summary["environment"]["versions"]["torch"] and "git" in summary["environment"]
         assert {r["visual_tokens"] for r in records.read_records(cell).records} == {576}
     plan = json.loads((sweep / "plan.json").read_text())
@@ -157,4 +158,5 @@ def test_sparsevlm_versions_sweep(tmp_path) -> None:
         assert params["version"] in ("v1", "v1.5", "v2") and params["layers"]
         assert ("schedule" in params) != (params["version"] == "v1")
         assert compute["entering"] == 576 and compute["input_seen"] < 576 and compute["official_equal_tokens"] < 576
-        assert len(compute["per_layer_mean"]) == 8
+        assert len(compute["per_layer_mean"]) == 6  # the toy's 6 LLM layers (SparseVLM's layers scaled onto them)
+        assert params["layer_rule"] == "scaled" and params["layers"] == [layer * 6 // 32 for layer in sparsevlm.VERSIONS[params["version"]].layers]
