@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from prune_eval import report
 from prune_eval.models import loading
+from prune_eval.records import sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +33,6 @@ def test_shipped_weights_match_their_model_card() -> None:
     """The card names the weights it describes (sha256) and their architecture: the real LLaVA
     layout with CLIP-style 336/14 patches (576 visual tokens)."""
     card = json.loads((TOY / "training.json").read_text())
-    from prune_eval.records import sha256_file
-
     assert sha256_file(TOY / "model.safetensors") == card["model_sha256"]
     config = json.loads((TOY / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
@@ -47,8 +46,8 @@ def test_shipped_weights_match_their_model_card() -> None:
 @pytest.fixture(scope="module")
 def toy_sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy")
-    command = [sys.executable, "-m", "prune_eval", "-m", "experiment=demo", "name=toy", "method=random", "budget=16,64", "seed=0,1"]
-    for args in (command, [*command[:5], "name=toy", "method=vanilla"]):
+    sweep = [sys.executable, "-m", "prune_eval", "-m", "experiment=demo", "name=toy"]
+    for args in ([*sweep, "method=random", "budget=16,64", "seed=0,1"], [*sweep, "method=vanilla"]):
         done = subprocess.run(args, cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return root / "outputs" / "toy"
