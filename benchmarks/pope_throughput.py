@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prune_eval import fast  # noqa: E402
 from prune_eval.data import images as image_ops  # noqa: E402
 from prune_eval.data import pope, synthetic  # noqa: E402
-from prune_eval.engine import EvalSettings, evaluate_reference, tokenized_prompts, visual_tokens  # noqa: E402
+from prune_eval.execution.engine import EvalSettings, evaluate_reference, tokenized_prompts, visual_tokens  # noqa: E402
 from prune_eval.methods import get_method  # noqa: E402
 from prune_eval.models import loading, tiny  # noqa: E402
 from prune_eval.models.llm import attention_kernels, run_layers  # noqa: E402
@@ -146,7 +146,7 @@ def run_fast(bundle, name: str, questions, settings: EvalSettings) -> dict:
     timers = Timers(bundle)
     original = fast.run_layers
     fast.run_layers = timers.wrap(original)
-    import prune_eval.engine as engine
+    import prune_eval.execution.engine as engine
 
     engine_original = engine.run_layers
     engine.run_layers = timers.wrap(engine_original)

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.pope_throughput import CONFIGS, build_bundle, synthetic_image_loader  # noqa: E402
 from prune_eval.data import pope  # noqa: E402
 from prune_eval.models.llm import attention_kernels  # noqa: E402
-from prune_eval.engine import EvalSettings  # noqa: E402
-from prune_eval.fast import evaluate_fast  # noqa: E402
+from prune_eval.execution.engine import EvalSettings  # noqa: E402
+from prune_eval.execution.fast import evaluate_fast  # noqa: E402
 from prune_eval.methods import get_method  # noqa: E402
 
 

@@ -28,8 +28,8 @@ from benchmarks.pope_throughput import environment, synthetic_image_loader  # no
 from prune_eval.config import CONF_DIR  # noqa: E402
 from prune_eval.data import pope  # noqa: E402
 from prune_eval.models.llm import attention_kernels  # noqa: E402
-from prune_eval.engine import EvalSettings, evaluate_reference  # noqa: E402
-from prune_eval.fast import evaluate_fast  # noqa: E402
+from prune_eval.execution.engine import EvalSettings, evaluate_reference  # noqa: E402
+from prune_eval.execution.fast import evaluate_fast  # noqa: E402
 from prune_eval.methods import get_method  # noqa: E402
 from prune_eval.models import loading, tiny  # noqa: E402
 from prune_eval.models.quant import check_backend, precision_of  # noqa: E402

@@ -40,7 +40,7 @@ OmegaConf.register_new_resolver("pe_cell", _cell_name_resolver, replace=True)
 def run(cfg: DictConfig) -> str:
     from hydra.core.hydra_config import HydraConfig
 
-    from prune_eval.cell import run_cell
+    from prune_eval.execution.cell import run_cell
 
     hydra_cfg = HydraConfig.get()
     status = run_cell(cfg, Path(hydra_cfg.runtime.output_dir))

@@ -8,7 +8,7 @@ A cell directory holds
 - `summary.json` (written last, atomically): the resolved config, metrics, versions, checksums; its
   presence means the cell is complete.
 - `error.json` when the last attempt failed: message and traceback.
-- `model.json`: what the last model load found out (prune_eval.cell), for the summary.
+- `model.json`: what the last model load found out (prune_eval.execution.cell), for the summary.
 - `.<name>.<random>.tmp`: an atomic write killed before its rename; never read, removed by the next
   run of the cell (under its lock).
 

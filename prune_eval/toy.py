@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from prune_eval.data import images as image_ops
 from prune_eval.data import synthetic
-from prune_eval.fast import group_by_image, pack_rows
+from prune_eval.execution.fast import group_by_image, pack_rows
 from prune_eval.models import tiny
 from prune_eval.models.llm import KVCache, LanguageModel, TokenMeta, run_layers
 from prune_eval.models.prompt import tokenize_prompts
@@ -188,9 +188,9 @@ def evaluate(model_dir: Path | None = None, *, bundle=None, n_images: int = 60, 
     """Accuracy (LLaVA rule) on the synthetic test split through prune_eval's fast path."""
     from omegaconf import OmegaConf
 
-    from prune_eval import metrics
-    from prune_eval.engine import EvalSettings
-    from prune_eval.fast import evaluate_fast
+    from prune_eval.analysis import metrics
+    from prune_eval.execution.engine import EvalSettings
+    from prune_eval.execution.fast import evaluate_fast
     from prune_eval.methods import get_method
     from prune_eval.models import loading
 

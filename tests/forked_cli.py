@@ -28,10 +28,10 @@ def preload() -> None:
 
     import hydra_plugins.prune_eval_plugins.sweeper  # noqa: F401
     import prune_eval.__main__  # noqa: F401
-    import prune_eval.cell  # noqa: F401  torch, transformers, the engine
+    import prune_eval.execution.cell  # noqa: F401  torch, transformers, the engine
     import prune_eval.models.tiny  # noqa: F401
-    import prune_eval.render  # noqa: F401
-    import prune_eval.report  # noqa: F401
+    import prune_eval.analysis.render  # noqa: F401
+    import prune_eval.analysis.report  # noqa: F401
     from prune_eval.methods import method_names
 
     method_names()  # imports every method module

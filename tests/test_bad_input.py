@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from conftest import POPE
 
-from prune_eval import cellfiles, metrics, records, report
+from prune_eval import records
+from prune_eval.analysis import cellfiles, metrics, report
 from prune_eval.config import GROUPS, MAX_NEW_TOKENS, group_choices
 from prune_eval.data import pope
 from prune_eval.errors import PruneEvalError
@@ -114,7 +115,7 @@ def validate(args: list[str]) -> None:
     from hydra._internal.utils import create_config_search_path
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from prune_eval import sweep
+    from prune_eval.execution import sweep
     from prune_eval.__main__ import preflight
     from prune_eval.config import CONF_DIR, explain_composition_error
 
@@ -343,7 +344,7 @@ def expected_ingest(answers: list) -> dict | None:
 
 
 def test_fuzzed_answer_files_for_ingest(tmp_path) -> None:
-    from prune_eval.ingest import ingest
+    from prune_eval.analysis.ingest import ingest
 
     labels = write_labels(tmp_path / "pope")
     outcomes = Outcomes("answer files (ingest)")

@@ -66,7 +66,7 @@ def test_malformed_answer_file_is_rejected(tmp_path) -> None:
 )
 def test_answer_file_content_errors(answers, message, tmp_path) -> None:
     from prune_eval.errors import PruneEvalError
-    from prune_eval.ingest import ingest
+    from prune_eval.analysis.ingest import ingest
 
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps(a) + "\n" for a in answers))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from prune_eval.data import images, synthetic
-from prune_eval.engine import EvalSettings, evaluate_reference
-from prune_eval.fast import evaluate_fast, generate_packed, group_by_image
-from prune_eval.engine import generate_rows, tokenized_prompts, visual_tokens
+from prune_eval.execution.engine import EvalSettings, evaluate_reference
+from prune_eval.execution.fast import evaluate_fast, generate_packed, group_by_image
+from prune_eval.execution.engine import generate_rows, tokenized_prompts, visual_tokens
 from prune_eval.methods import get_method
 from prune_eval.models.prompt import tokenize_prompts
 
@@ -86,7 +86,7 @@ def test_duplicates_are_grouped_per_image(tiny_bundle) -> None:
 
 
 def test_decided_by_token_equals_decided_by_text(tiny_bundle) -> None:
-    from prune_eval.engine import decided_token_ids, decoded_text, is_decided
+    from prune_eval.execution.engine import decided_token_ids, decoded_text, is_decided
 
     tokenizer = tiny_bundle.tokenizer
     decided = decided_token_ids(tokenizer)
@@ -97,7 +97,7 @@ def test_decided_by_token_equals_decided_by_text(tiny_bundle) -> None:
 
 
 def test_batches_respect_the_budgets_and_are_deterministic(tiny_bundle) -> None:
-    from prune_eval.fast import plan_batches
+    from prune_eval.execution.fast import plan_batches
 
     questions = synthetic.make_questions(12, seed=1)
     tokenized = tokenized_prompts(tiny_bundle, questions)

@@ -25,8 +25,10 @@ import torch
 from conftest import FAST_DEMO
 from hydra import compose, initialize_config_dir
 
-from prune_eval import cellfiles, faults, records, report, sweep
-from prune_eval.cell import cell_lock, run_cell
+from prune_eval import faults, records
+from prune_eval.analysis import cellfiles, report
+from prune_eval.execution import sweep
+from prune_eval.execution.cell import cell_lock, run_cell
 from prune_eval.config import CONF_DIR, plan_cell
 from prune_eval.errors import PruneEvalError
 from prune_eval.models.llm import check_finite
@@ -171,8 +173,8 @@ def broken_bundle(bundle, **kwargs):
 def test_non_finite_logits_are_an_error_not_an_answer(tiny_bundle, fast, value) -> None:
     from prune_eval.data.synthetic import make_questions
     from prune_eval.data.images import synthetic_loader
-    from prune_eval.engine import EvalSettings, evaluate_reference
-    from prune_eval.fast import evaluate_fast
+    from prune_eval.execution.engine import EvalSettings, evaluate_reference
+    from prune_eval.execution.fast import evaluate_fast
     from prune_eval.methods import get_method
 
     questions = make_questions(1, seed=0, splits=("random",))

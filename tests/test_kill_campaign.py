@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prune_eval import cellfiles, faults, records
-
+from prune_eval import faults, records
+from prune_eval.analysis import cellfiles
 pytestmark = pytest.mark.slow
 
 SWEEP = ["-m", "experiment=demo", "data.n_images=2", "eval.max_new_tokens=3", "eval.batch_size=6", "eval.part_size=12",

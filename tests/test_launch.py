@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import FAST_DEMO, run_cli
 
-from prune_eval import launching
+from prune_eval.execution import launching
 from prune_eval.errors import PruneEvalError
-from prune_eval.launching import GpuInfo, Launched, Progress, TaskState
+from prune_eval.execution.launching import GpuInfo, Launched, Progress, TaskState
 
 NVIDIA_SMI_OUTPUT = "0, GPU-aaaa, 3\n1, GPU-bbbb, 5\n2, GPU-cccc, 30000\n"
 
@@ -360,15 +360,15 @@ def test_a_launcher_that_breaks_still_gets_the_status_table_and_report(tmp_path)
     output = result.stdout + result.stderr
     assert "launcher failed: RuntimeError: job 17 died and the launcher gave up" in output
     assert "sweep outputs/demo: 2 cell(s) 2 missing" in result.stdout
-    if importlib.util.find_spec("prune_eval.report") is not None:
+    if importlib.util.find_spec("prune_eval.analysis.report") is not None:
         assert "report: " in result.stdout
 
 
 def test_local_worker_module_runs_a_pickled_call(tmp_path) -> None:
-    """The local-gpus worker entry point (`python -m prune_eval.launching <pickle>`)."""
+    """The local-gpus worker entry point (`python -m prune_eval.execution.launching <pickle>`)."""
     from submitit.helpers import DelayedSubmission
 
     path = tmp_path / "job.pkl"
     DelayedSubmission(Path.write_text, tmp_path / "out.txt", "ran").dump(path)
-    subprocess.run([sys.executable, "-m", "prune_eval.launching", str(path)], check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "prune_eval.execution.launching", str(path)], check=True, timeout=60)
     assert (tmp_path / "out.txt").read_text() == "ran"

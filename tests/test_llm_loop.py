@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model_cfg
 
 from prune_eval.data import images, synthetic
-from prune_eval.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
+from prune_eval.execution.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
 from prune_eval.methods import get_method
 from prune_eval.models import loading
 from prune_eval.models.prompt import tokenize_prompts, vicuna_v1_prompt

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import REFERENCE_ANSWERS
 
-from prune_eval import metrics
-from prune_eval.ingest import ingest
+from prune_eval.analysis import metrics
+from prune_eval.analysis.ingest import ingest
 
 SPLITS = ["adversarial", "popular", "random"]
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from prune_eval.config import CONF_DIR, plan_cell
 from prune_eval.data import images, synthetic
-from prune_eval.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
+from prune_eval.execution.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import get_method
 from prune_eval.models import loading, original, tiny

@@ -10,7 +10,7 @@ from conftest import FAST_DEMO, run_cli, tiny_model_cfg
 from omegaconf import OmegaConf
 
 from prune_eval.data import images, synthetic
-from prune_eval.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
+from prune_eval.execution.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import get_method
 from prune_eval.models import loading

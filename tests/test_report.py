@@ -1,10 +1,10 @@
-"""Tests for prune_eval.report (and cellfiles, published, plots, render, which it is built from).
+"""Tests for prune_eval.analysis.report (and cellfiles, published, plots, render, which it is built from).
 
 The report is checked end to end: from a real sweep of the tiny model through the CLI, from real
-answer files through prune_eval.ingest, and from cells written here in the exact record format with
+answer files through prune_eval.analysis.ingest, and from cells written here in the exact record format with
 simulated answers to the real POPE questions (so that a 20-cell, 8910-question sweep with seeds,
 quantization, preprocessing and both question-file versions exists without a GPU). Its numbers are
-checked against direct calls to prune_eval.stats on the same records.
+checked against direct calls to prune_eval.analysis.stats on the same records.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from conftest import FAST_DEMO, POPE, REFERENCE_ANSWERS, run_cli
 
-from prune_eval import cellfiles, metrics, published, records, report, stats
-
+from prune_eval import records
+from prune_eval.analysis import cellfiles, metrics, published, report, stats
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OUTPUTS = ("report.md", "report.html", "cells.csv", "gaps.csv", "table.tex")
 
@@ -59,7 +59,7 @@ def simulate(questions: list[dict], *, accuracy: float, seed: int, dotted: float
 
 def write_cell(sweep: Path, name: str, questions: list[dict], answers: list[str], *, experiment: dict,
                budget: int | None = None, visual_tokens: int | None = None, compute: dict | None = None) -> Path:
-    """A complete cell as prune_eval.cell writes it: parts with footers, cell.json, summary.json."""
+    """A complete cell as prune_eval.execution.cell writes it: parts with footers, cell.json, summary.json."""
     cell = sweep / name
     rows = [{**q, "schema_version": records.SCHEMA_VERSION, "raw_answer": a, "pred_llava": metrics.parse_llava(a),
              "pred_exact": metrics.parse_exact(a), "visual_tokens": visual_tokens, "new_tokens": 1,
@@ -188,7 +188,7 @@ def test_report_modules_do_not_import_torch(tmp_path) -> None:
         method = name.split("-")[0]
         write_cell(tmp_path, name, q, simulate(q, accuracy=acc, seed=len(name)), budget=64,
                    experiment=experiment_of(method, 64))
-    code = ("import sys; from pathlib import Path; import prune_eval.report as r; "
+    code = ("import sys; from pathlib import Path; import prune_eval.analysis.report as r; "
             f"r.write_report(Path({str(tmp_path)!r}), n_resamples=200); "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -532,8 +532,7 @@ def test_published_lookup_matches_method_version_and_budget() -> None:
 
 def test_cell_status_matches_cell_module(tmp_path) -> None:
     """cellfiles.cell_status is the torch-free twin of cell.cell_status (until cell.py imports it)."""
-    from prune_eval import cell
-
+    from prune_eval.execution import cell
     small_cell(tmp_path, "done", "vanilla", accuracy=0.8, sim=0, n=30)
     small_cell(tmp_path, "partial", "vanilla", accuracy=0.8, sim=0, n=30)
     (tmp_path / "partial" / "summary.json").unlink()

@@ -23,8 +23,9 @@ from conftest import FAST_DEMO, run_cli
 # Plain module beside this file; the fixture is module-scoped (one cluster for this module).
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
 
-from prune_eval import launching, records
-from prune_eval.cellfiles import cell_status
+from prune_eval import records
+from prune_eval.execution import launching
+from prune_eval.analysis.cellfiles import cell_status
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -75,7 +76,7 @@ def test_slurm_sweep_runs_cells_as_an_array_and_a_rerun_submits_nothing(slurm_cl
         assert [e["event"] for e in events] == ["start", "end"] and "_" in events[0]["job_id"]  # an array task
     (array,) = sweep_jobs(sweep)
     assert set(slurm_cluster.task_states(array).values()) == {"COMPLETED"}
-    if importlib.util.find_spec("prune_eval.report") is not None:
+    if importlib.util.find_spec("prune_eval.analysis.report") is not None:
         report = next(line.split("report: ", 1)[1] for line in result.stdout.splitlines() if line.startswith("report: "))
         assert (tmp_path / report).is_file()
 
@@ -144,7 +145,7 @@ def test_killed_and_cancelled_tasks_are_reported_and_a_rerun_completes_them(slur
     assert all(m["type"] == "JobDied" and "before the cell finished" in m["message"] for m in messages)
     answered_before = len(records.read_records(killed).records)
     assert 0 < answered_before < QUESTIONS
-    if importlib.util.find_spec("prune_eval.report") is not None:
+    if importlib.util.find_spec("prune_eval.analysis.report") is not None:
         assert "report: " in out  # the report is written although cells failed
 
     rerun = run_cli(args[:-1] + ["launch.array_parallelism=2"], tmp_path, env=cli_env(slurm_cluster), timeout=300)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import tiny_model_cfg
 
-from prune_eval.compute import official_equal_tokens
+from prune_eval.analysis.compute import official_equal_tokens
 from prune_eval.data import images, synthetic
-from prune_eval.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
+from prune_eval.execution.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import ModelGeometry, get_method
 from prune_eval.methods.sparsevlm import (

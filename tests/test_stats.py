@@ -1,4 +1,4 @@
-"""Tests for prune_eval.stats: agreement with scipy/statsmodels and closed forms, properties,
+"""Tests for prune_eval.analysis.stats: agreement with scipy/statsmodels and closed forms, properties,
 validation, and calibration by simulation (slow).
 
 Every statistic that scipy, statsmodels or a closed form also computes is tested equal to it; what
@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from scipy.special import comb
 from statsmodels.stats.multitest import multipletests
 
-from prune_eval import metrics, stats
-from prune_eval.metrics import FN, FP, TN, TP
+from prune_eval.analysis import metrics, stats
+from prune_eval.analysis.metrics import FN, FP, TN, TP
 
 
 # ----------------------------------------------------------------------------------------------

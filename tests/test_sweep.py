@@ -15,7 +15,7 @@ from conftest import FAST_DEMO, run_cli
 from PIL import Image
 
 from prune_eval import records
-from prune_eval.cell import cell_status
+from prune_eval.execution.cell import cell_status
 from prune_eval.methods import sparsevlm
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from prune_eval import report
+from prune_eval.analysis import report
 from prune_eval.models import loading
 from prune_eval.records import sha256_file
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prune_eval.data import images, synthetic
-from prune_eval.engine import visual_tokens
+from prune_eval.execution.engine import visual_tokens
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import ModelGeometry, get_method
 from prune_eval.methods.random_tokens import random_indices

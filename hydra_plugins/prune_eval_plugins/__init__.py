@@ -1,2 +1,2 @@
 """Hydra plugins of prune_eval: the sweeper that plans before launching, and the search path for
-the `launch/` launcher profiles. Thin adapters; the logic lives in prune_eval.sweep."""
+the `launch/` launcher profiles. Thin adapters; the logic lives in prune_eval.execution.sweep."""

@@ -3,7 +3,7 @@
 Both reuse hydra-submitit-launcher's callable (the launcher itself is pickled with the Hydra
 context and run in the cell's process); SLURM submission is theirs too (submitit job arrays,
 `sbatch --array=0-N%P`). The waiting is ours: the submitting process watches the cells' own files
-and the queue, never pickled job results. Logic: prune_eval.launching.
+and the queue, never pickled job results. Logic: prune_eval.execution.launching.
 
 Hydra's plugin scanner executes this module before registering it in sys.modules: no
 `from __future__ import annotations` here (dataclasses), and no heavy imports at module level.
@@ -61,19 +61,19 @@ class _CellLauncher(BaseSubmititLauncher):
 
     def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
                  singleton_state: dict, cell_dir: str = "") -> str:
-        from prune_eval.launching import run_cell_job
+        from prune_eval.execution.launching import run_cell_job
 
         return run_cell_job(self, sweep_overrides, job_num, singleton_state, cell_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Preempted or at the time limit: submitit requeues this same call; the cell resumes."""
-        from prune_eval.launching import requeue
+        from prune_eval.execution.launching import requeue
 
         return requeue(self, *args, **kwargs)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[str]:
         """Hydra's entry point; prune_eval's sweeper calls launch_cells with the cell dirs it planned."""
-        from prune_eval.launching import cell_dirs_of
+        from prune_eval.execution.launching import cell_dirs_of
 
         return self.launch_cells(job_overrides, cell_dirs_of(self, job_overrides))
 
@@ -85,7 +85,7 @@ class LocalGpusLauncher(_CellLauncher):
     _EXECUTOR = "local"
 
     def launch_cells(self, job_overrides: Sequence[Sequence[str]], cell_dirs: Sequence[Path]) -> Sequence[str]:
-        from prune_eval.launching import launch_local_gpus
+        from prune_eval.execution.launching import launch_local_gpus
 
         return launch_local_gpus(self, job_overrides, cell_dirs, **self.params)
 
@@ -94,6 +94,6 @@ class PruneEvalSlurmLauncher(_CellLauncher):
     _EXECUTOR = "slurm"
 
     def launch_cells(self, job_overrides: Sequence[Sequence[str]], cell_dirs: Sequence[Path]) -> Sequence[str]:
-        from prune_eval.launching import launch_slurm
+        from prune_eval.execution.launching import launch_slurm
 
         return launch_slurm(self, job_overrides, cell_dirs, self.params)

@@ -45,8 +45,8 @@ class PruneEvalSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list) -> Any:
-        from prune_eval import sweep
-        from prune_eval.cell import cell_status
+        from prune_eval.execution import sweep
+        from prune_eval.execution.cell import cell_status
         from prune_eval.errors import PruneEvalError
         from prune_eval.records import atomic_write_bytes
 

@@ -1,8 +1,8 @@
 """A cell directory as the analysis side sees it: status, summary and verified records, without torch.
 
-Why a separate module: `prune_eval.cell` runs cells and so imports torch; the report, the metrics and
+Why a separate module: `prune_eval.execution.cell` runs cells and so imports torch; the report, the metrics and
 the statistics must not (ARCHITECTURE.md: "a user can analyse results on a laptop"). Everything here
-is the standard library and numpy. `prune_eval.cell` can import its status helpers from here so
+is the standard library and numpy. `prune_eval.execution.cell` can import its status helpers from here so
 there is one definition of what "complete", "failed", "partial", "missing" and "busy" mean.
 
 `load_cell` turns a complete cell into arrays, or into one sentence saying why it cannot be used:
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prune_eval import metrics, records
-
+from prune_eval import records
+from prune_eval.analysis import metrics
 SUMMARY, ERROR, CELL_FILE, LOCK = "summary.json", "error.json", "cell.json", ".lock"
 STATUSES = ("complete", "failed", "partial", "missing", "busy")
 
@@ -66,7 +66,7 @@ def cell_status(cell_dir: Path) -> str:
 
 
 def lock_holder(cell_dir: Path) -> str:
-    """'pid P on HOST' of the process that last took the cell's lock (prune_eval.cell writes it), or ''."""
+    """'pid P on HOST' of the process that last took the cell's lock (prune_eval.execution.cell writes it), or ''."""
     try:
         host, _, pid = (Path(cell_dir) / LOCK).read_text().strip().rpartition(" ")
     except (OSError, UnicodeDecodeError):

@@ -3,7 +3,7 @@
 The reference path (`eval.fast=false`) does what LLaVA's model_vqa_loader does, one batch of questions
 at a time with nothing shared: vision tower and pruning for every question, left-padded rows, greedy
 decoding until EOS or `max_new_tokens`. The fast path reuses image-level work and the image prefix
-(prune_eval.fast) and is tested against this one.
+(prune_eval.execution.fast) and is tested against this one.
 
 Decoding may stop early once the answer is decided (`eval.stop_when_decided`): as soon as the text
 contains a '.', LLaVA's rule only reads the text before it and the exact-match rule can no longer

@@ -1,6 +1,6 @@
 """Turn a `report.Analysis` into the report's files: markdown, self-contained HTML, CSV, LaTeX, PNG.
 
-Why separate from `prune_eval.report`: the analysis decides what is true, this module only says it.
+Why separate from `prune_eval.analysis.report`: the analysis decides what is true, this module only says it.
 The text is built once as a list of blocks (heading, paragraph, bullet list, table, figure) and then
 rendered to markdown and to HTML, so the two can never say different things. Numbers are shown in
 points (x 100); the CSV files keep fractions (0-1), as summary.json does.
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prune_eval import __version__, metrics, plots, published
-from prune_eval.report import ALPHA, CONVENTION_RESAMPLES, Analysis, fmt_p, pts, sign_line
+from prune_eval import __version__
+from prune_eval.analysis import metrics, plots, published
+from prune_eval.analysis.report import ALPHA, CONVENTION_RESAMPLES, Analysis, fmt_p, pts, sign_line
 
 FIGURES = {"forest.png": "Gaps with 95% intervals", "budget.png": "Mean F1 vs budget",
            "splits.png": "F1 per split"}

@@ -15,7 +15,7 @@ questions. Three savings, none of which changes an answer:
 Question-dependent pruning (SparseVLM) cannot share the prefix beyond its first pruning layer; it
 gets 1 and 2 (vision once per image, duplicates once) and batches one row per question.
 
-The reference path (prune_eval.engine.evaluate_reference) is what the tests compare this against.
+The reference path (prune_eval.execution.engine.evaluate_reference) is what the tests compare this against.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from prune_eval.data import images as image_ops
 from prune_eval.data.pope import Question
-from prune_eval.engine import (
+from prune_eval.execution.engine import (
     STOP_DECIDED,
     STOP_EOS,
     STOP_LENGTH,

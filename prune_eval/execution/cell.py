@@ -25,14 +25,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prune_eval import faults, metrics, records
-from prune_eval.cellfiles import CELL_FILE, ERROR, LOCK, SUMMARY, STATUSES, cell_status, is_locked, read_summary  # noqa: F401
-from prune_eval.compute import summarize_compute
+from prune_eval import faults, records
+from prune_eval.analysis import metrics
+from prune_eval.analysis.cellfiles import CELL_FILE, ERROR, LOCK, SUMMARY, STATUSES, cell_status, is_locked, read_summary  # noqa: F401
+from prune_eval.analysis.compute import summarize_compute
 from prune_eval.config import CellSpec, plan_cell
 from prune_eval.data import load_dataset
 from prune_eval.data.pope import Question
-from prune_eval.engine import Answer, EvalSettings, evaluate_reference
-from prune_eval.fast import evaluate_fast
+from prune_eval.execution.engine import Answer, EvalSettings, evaluate_reference
+from prune_eval.execution.fast import evaluate_fast
 from prune_eval.models.llm import attention_kernels
 from prune_eval.errors import PruneEvalError
 from prune_eval.provenance import environment

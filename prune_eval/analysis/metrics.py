@@ -1,7 +1,7 @@
 """POPE metrics from per-question predictions, under every convention the papers use.
 
 Pure numpy: no torch, no files. Everything is computed from confusion counts so that the statistics
-(`prune_eval.stats`) can recompute any metric on a resampled set of images by summing per-image
+(`prune_eval.analysis.stats`) can recompute any metric on a resampled set of images by summing per-image
 counts, which is exact and vectorised.
 
 Conventions (facts: ../shared/notes/pope.md):

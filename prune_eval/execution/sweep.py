@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from prune_eval.cellfiles import cell_status, error_message, lock_holder, read_summary
+from prune_eval.analysis.cellfiles import cell_status, error_message, lock_holder, read_summary
 from prune_eval.config import check_inputs, explain_composition_error, plan_cell
 from prune_eval.errors import PruneEvalError
 from prune_eval.records import atomic_write_json
@@ -135,9 +135,9 @@ def describe_outcome(sweep_dir: Path, planned: list[PlannedCell], skipped: int) 
 
 
 def write_report_if_available(sweep_dir: Path) -> None:
-    """The variance report (prune_eval.report) over whatever the sweep directory holds."""
+    """The variance report (prune_eval.analysis.report) over whatever the sweep directory holds."""
     try:
-        from prune_eval import report
+        from prune_eval.analysis import report
     except ImportError:
         return
     try:

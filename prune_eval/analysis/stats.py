@@ -37,7 +37,7 @@ from scipy.stats import norm
 from statsmodels.stats.contingency_tables import mcnemar as _sm_mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from prune_eval.metrics import COUNT_FIELDS, FN, FP, OTHER_NO, OTHER_YES, TN, TP
+from prune_eval.analysis.metrics import COUNT_FIELDS, FN, FP, OTHER_NO, OTHER_YES, TN, TP
 
 __all__ = [
     "BootstrapResult",

@@ -40,7 +40,7 @@ from prune_eval.errors import PruneEvalError, did_you_mean, unknown_choice
 log = logging.getLogger("prune_eval")
 
 EVENTS = "launches.jsonl"  # per cell: one line per start / end / requeue of a job that ran it
-ERROR_FILE = "error.json"  # prune_eval.cellfiles.ERROR
+ERROR_FILE = "error.json"  # prune_eval.analysis.cellfiles.ERROR
 LOCAL_JOB_ENV = "PRUNE_EVAL_LOCAL_JOB"
 COMMAND_TIMEOUT_S = 60  # SLURM clients retry for a minute when the controller is unreachable
 SQUEUE_OUTAGE_S = 1800  # give up watching when squeue has failed for this long
@@ -361,7 +361,7 @@ def run_cell_job(launcher, overrides: Sequence[str], job_num: int, singleton_sta
         import traceback
 
         if cell is not None:
-            from prune_eval.cellfiles import read_summary
+            from prune_eval.analysis.cellfiles import read_summary
 
             if read_summary(cell) is None:
                 write_cell_error(cell, f"{type(e).__name__}: {e}", type(e).__name__, traceback.format_exc())
@@ -419,14 +419,14 @@ class Launched:
 
 
 def is_complete(cell_dir: Path) -> bool:
-    from prune_eval.cellfiles import read_summary
+    from prune_eval.analysis.cellfiles import read_summary
 
     return read_summary(cell_dir) is not None
 
 
 def conclude(job: Launched, how: str) -> str:
     """How a job that is over left its cell; `how` (how the job ended) goes into a died cell's error."""
-    from prune_eval.cellfiles import is_locked
+    from prune_eval.analysis.cellfiles import is_locked
 
     if is_complete(job.cell_dir):
         return "complete"
@@ -547,7 +547,7 @@ def start_local_job(pickle_path: Path, log_path: Path, gpu: str, job_id: str) ->
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, **{LOCAL_JOB_ENV: job_id, "PYTHONUNBUFFERED": "1"})
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # ids as nvidia-smi numbers them
     with open(log_path, "ab") as logf:
-        return subprocess.Popen([sys.executable, "-u", "-m", "prune_eval.launching", str(pickle_path)],
+        return subprocess.Popen([sys.executable, "-u", "-m", "prune_eval.execution.launching", str(pickle_path)],
                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
@@ -764,7 +764,7 @@ def launch_slurm(launcher, job_overrides: Sequence[Sequence[str]], cell_dirs: Se
 
 
 # --------------------------------------------------------------------------------------------
-# `python -m prune_eval.launching <pickle>`: a local-gpus worker process
+# `python -m prune_eval.execution.launching <pickle>`: a local-gpus worker process
 # --------------------------------------------------------------------------------------------
 
 def _local_worker(pickle_path: str) -> None:

@@ -1,0 +1,1 @@
+"""The analysis side: records -> metrics -> paired statistics -> report. Imports no torch."""

@@ -1,0 +1,1 @@
+"""The execution side: plan, launch and run cells; evaluate questions; write records."""
