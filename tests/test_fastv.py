@@ -116,8 +116,8 @@ def test_resolve_defaults_rules_and_errors() -> None:
         ({"k": 5, "layer_rule": "scaled"}, 64, "K=5 with the scaled rule is 0 on a 6-layer LLM"),
         ({"layer_rule": "every"}, 64, "method.layer_rule=every; choices: auto, official, scaled"),
         ({"budget_rule": "mean"}, 64, "method.budget_rule=mean; choices: kept, layer_average"),
-        ({}, 577, "FastV budget=577 keeps 577 visual tokens; it must keep 1..576"),
-        ({"budget_rule": "layer_average"}, 16, "budget must be in 193..576"),
+        ({}, 577, "FastV budget=577 is the number of visual tokens kept from layer K on; it must be in 1..576"),
+        ({"budget_rule": "layer_average"}, 16, "with K=2 (layers 0..1 see all 576) would keep -264 visual tokens; with method.budget_rule=layer_average the budget must be in 193..576"),
     ]:
         with pytest.raises(PruneEvalError, match=message.replace("(", "\\(").replace(")", "\\)").replace(".", "\\.")) as error:
             resolve(options, budget, toy if "6-layer" in message or "193" in message else LLAVA_7B)

@@ -124,12 +124,19 @@ def resolve(params: dict[str, Any], budget: int, geometry: ModelGeometry) -> dic
         raise PruneEvalError(f"method.budget_rule={budget_rule}; choices: {', '.join(BUDGET_RULES)}")
     if budget_rule == "kept":
         kept = budget
+        if not 1 <= kept <= n_patches:
+            raise PruneEvalError(f"FastV budget={budget} is the number of visual tokens kept from layer K on; it must be in 1..{n_patches}")
     else:
-        kept = round((n_layers * budget - layer * n_patches) / (n_layers - layer))
-    if not isinstance(budget, int) or not 1 <= kept <= n_patches:
-        lowest = (layer * n_patches + (n_layers - layer)) / n_layers
-        why = "" if budget_rule == "kept" else f" (as a {n_layers}-layer average with K={layer}, budget must be in {math.ceil(lowest)}..{n_patches})"
-        raise PruneEvalError(f"FastV budget={budget} keeps {kept} visual tokens; it must keep 1..{n_patches}{why}")
+        def kept_for(b: int) -> int:  # R whose (K x N + (L - K) x R) / L is nearest to b
+            return round((n_layers * b - layer * n_patches) / (n_layers - layer))
+
+        kept = kept_for(budget)
+        if not 1 <= kept <= n_patches:
+            lowest = next(b for b in range(1, n_patches + 1) if kept_for(b) >= 1)
+            raise PruneEvalError(
+                f"FastV budget={budget} as an average over {n_layers} layers with K={layer} (layers 0..{layer - 1} see all {n_patches}) "
+                f"would keep {kept} visual tokens; with method.budget_rule=layer_average the budget must be in {lowest}..{n_patches}"
+            )
     return {
         "k": layer, "k_requested": k, "k_source": K_SOURCE if k == DEFAULT_K else "user", "layer_rule": rule,
         "layers": [layer - 1],  # scored and pruned after this layer (0-based), like SparseVLM's `layers`
