@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prune_eval import fast  # noqa: E402
+from prune_eval.execution import fast  # noqa: E402
 from prune_eval.data import images as image_ops  # noqa: E402
 from prune_eval.data import pope, synthetic  # noqa: E402
 from prune_eval.execution.engine import EvalSettings, evaluate_reference, tokenized_prompts, visual_tokens  # noqa: E402
