@@ -185,6 +185,13 @@ def test_keep_rows_layout_and_original_positions(tiny_bundle) -> None:
     assert new_meta.segment[0].tolist() == [-1, -1] + [1] * 7
 
 
+def test_last_token_is_found_under_left_and_right_padding() -> None:
+    from prune_eval.methods.fastv import last_token_index
+
+    segment = torch.tensor([[-1, -1, 1, 1, 1], [1, 1, 1, -1, -1], [0, 0, 1, 2, 2]])
+    assert last_token_index(TokenMeta(torch.arange(5).expand(3, 5), segment)).tolist() == [4, 2, 4]
+
+
 def test_cached_decoding_equals_a_recompute_with_the_same_kept_tokens(tiny_bundle) -> None:
     """Decoding over per-layer caches (layers < K full, >= K pruned, original positions) gives the
     logits of recomputing the whole sequence with the same kept tokens at every step (fp32)."""

@@ -14,8 +14,10 @@ FASTV_INPLACE` branch), its KV-cache variants `fastv_forward` in
   (`layer_idx == K - 1` / `== K`). K > 0 is asserted ("K should be larger than 0").
 - Default K = 2: the scripts sweep `Ks=(2)` (`eval_aokvqa_latency_fastv_inplace.sh`,
   `eval_ocrvqa_fastv_token_mask.sh`), the README's rows are "K=2", and it is the paper's title.
-  VisionZip's and SparseVLM's tables (FastV at 64/128/192) state no K; the reproduction in
-  Gumpest/SparseVLMs issue #12 ran fastv_kvcache.py with K=2.
+  For the FastV rows of VisionZip's and SparseVLM's tables (64/128/192) we found no K stated
+  (not in their repositories, nor in the issue threads); VisionZip issue #22 (maintainer): the
+  token counts are averages over all decoder layers and some rows follow SparseVLM's; the
+  reproduction in Gumpest/SparseVLMs issue #12 ran fastv_kvcache.py with K=2.
 - Score. `torch.mean(attention, dim=1)[0][-1][SYS : SYS + 576]`: the attention of the LAST query
   row (in prefill: the last prompt token, the ':' of 'ASSISTANT:') to each image token, averaged
   over heads (batch element 0 only: batch size 1).
@@ -147,6 +149,12 @@ def resolve(params: dict[str, Any], budget: int, geometry: ModelGeometry) -> dic
 
 
 # ---------------------------------------------------------------- model plumbing
+def last_token_index(meta: TokenMeta) -> torch.Tensor:
+    """(B,) index of each row's last token that is not padding (the last prompt token in prefill)."""
+    index = torch.arange(meta.segment.shape[1], device=meta.segment.device).expand_as(meta.segment)
+    return torch.where(meta.segment >= 0, index, -1).amax(dim=1)
+
+
 class FastVHook(LayerHook):
     """Prunes rows [pad | prefix | visual | text] after layer K-1 of the prefill.
 
@@ -172,8 +180,10 @@ class FastVHook(LayerHook):
         count = self.n_visual if layer_idx <= self.layer else self.keep
         for row in self.visual_per_layer:
             row.append(count)
-        if layer_idx == self.layer and not self.replaying:  # the last prompt token of every (left-padded) row
-            self.query_input = self.lm.layers[layer_idx].input_layernorm(hidden[:, -1])  # (B, d)
+        if layer_idx == self.layer and not self.replaying:
+            last = last_token_index(meta)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            self.query_input = self.lm.layers[layer_idx].input_layernorm(hidden[rows, last])  # (B, d)
 
     def after(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, meta: TokenMeta, cache: KVCache):
         if layer_idx != self.layer:
@@ -182,8 +192,8 @@ class FastVHook(LayerHook):
             raise RuntimeError("FastV prunes during a prefill from an empty cache only")
         visual_start = (meta.segment < 0).sum(dim=1) + self.prefix_len  # (B,) after the left padding and the prefix
         if not self.replaying:
-            last = TokenMeta(meta.slot[:, -1:], meta.segment[:, -1:])
-            self.kept = self.select(layer_idx, self.query_input, positions[:, -1], last, cache, visual_start)
+            last = last_token_index(meta)[:, None]  # (B, 1)
+            self.kept = self.select(layer_idx, self.query_input, positions.gather(1, last)[:, 0], meta.gather(last), cache, visual_start)
         return self.keep_rows(hidden, positions, meta, visual_start, self.kept)
 
     def select(self, layer_idx: int, query_input: torch.Tensor, query_positions: torch.Tensor, query_meta: TokenMeta,
