@@ -124,6 +124,19 @@ def test_resolve_defaults_rules_and_errors() -> None:
         assert "\n" not in str(error.value)
 
 
+def test_yaml_options_compose_into_the_cell() -> None:
+    """conf/method/fastv.yaml's keys are overridable and reach the resolved parameters and the name."""
+    from hydra import compose, initialize_config_dir
+
+    from prune_eval.config import CONF_DIR, plan_cell
+
+    overrides = ["experiment=demo", "method=fastv", "budget=400", "method.k=3", "method.budget_rule=layer_average"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        spec = plan_cell(compose(config_name="config", overrides=overrides))
+    assert spec.name.startswith("fastv-400_")  # the toy's 6 layers: K=3 official, R = round((6 x 400 - 3 x 576) / 3)
+    assert (spec.params["k"], spec.params["layers"], spec.params["kept_tokens"]) == (3, [2], 224)
+
+
 # ------------------------------------------------------------------ plumbing on tiny LLaVAs
 @pytest.fixture(scope="module")
 def toy_bundle():
