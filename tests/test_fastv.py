@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from prune_eval.analysis.compute import official_equal_tokens
 from prune_eval.data import images, synthetic
 from prune_eval.errors import PruneEvalError
-from prune_eval.execution.engine import EvalSettings, evaluate_reference, generate_rows, row_seed, tokenized_prompts, visual_tokens
+from prune_eval.execution.engine import EvalSettings, evaluate_reference, generate_rows, row_seed, visual_tokens
 from prune_eval.execution.fast import evaluate_fast
 from prune_eval.methods import ModelGeometry, get_method
 from prune_eval.methods.fastv import FastVHook, last_token_attention, resolve, top_r_keep, visual_scores

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import Method, ModelGeometry, drop_cls, register
-from prune_eval.models.vision import VisionOutputs
 
 
 def pool_patch_grid(patches: torch.Tensor, side: int) -> torch.Tensor:
