@@ -5,8 +5,8 @@ structure (the pinned 8910 questions on 500 images, passed with --questions) and
 (content does not change the work). Every configuration generates exactly `--new-tokens` tokens
 (no early stop), as the peer loop does, so the two are timed on the same work:
 - peer: batch 1, HF `generate` on input embeddings with the method's visual tokens (vision tower
-  and image-level pruning per question, as the official eval loops do); for SparseVLM, prune_eval's
-  reference path at batch 1 (HF generate cannot prune inside the LLM). Timed on the first
+  and image-level pruning per question, as the official eval loops do); for SparseVLM and FastV,
+  prune_eval's reference path at batch 1 (HF generate cannot prune inside the LLM). Timed on the first
   `--peer-questions` questions and extrapolated to the full set (said in the output).
 - prune_eval: `eval.fast=true` over all questions, model loaded.
 Reported: wall time for the full POPE, questions/s, speedup, prefill TFLOP/s of the packed path
@@ -53,6 +53,8 @@ CONFIGS = {
     "sparsevlm-v1.5-128": ("sparsevlm", {"version": "v1.5"}, 128),
     "sparsevlm-v1.5-64": ("sparsevlm", {"version": "v1.5"}, 64),
     "sparsevlm-v2-64": ("sparsevlm", {"version": "v2"}, 64),
+    "fastv-64": ("fastv", {}, 64),
+    "downsample-64": ("downsample", {}, 64),
 }
 
 
@@ -219,7 +221,7 @@ def check_logits(bundle, questions, n_images: int) -> dict:
     images = list(dict.fromkeys(q.image for q in questions))[:n_images]
     subset = [q for q in questions if q.image in images]
     out = {}
-    for name in ("vanilla-576", "visionzip-64", "sparsevlm-v1.5-64"):
+    for name in ("vanilla-576", "visionzip-64", "sparsevlm-v1.5-64", "fastv-64", "downsample-64"):
         method_name, options, budget = CONFIGS[name]
         method = get_method(method_name)
         params = method.resolve(options, budget, bundle.geometry)
@@ -286,7 +288,8 @@ def main() -> None:
     if args.compile:
         bundle.lm = bundle.lm.compiled()
     started = time.perf_counter()
-    for warm in ("visionzip-64", "vanilla-576"):  # warm-up: kernels, allocator, compilation of two shapes
+    # warm-up: kernels, allocator, compilation of the shapes each timed configuration meets (masks, pruned widths)
+    for warm in dict.fromkeys(["visionzip-64", "vanilla-576", *args.configs.split(",")]):
         run_fast(bundle, warm, questions[:36], settings)
     result["warmup_s"] = time.perf_counter() - started
     result["compiled"] = args.compile
