@@ -23,11 +23,13 @@ FAST = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=True, fast
 CASES = [("vanilla", {}, 576), ("visionzip", {}, 64), ("random", {}, 32)]
 
 
-def run(path, bundle, method_name, options, budget, questions, answered=frozenset(), method=None):
+def run(path, bundle, method_name, options, budget, questions, answered=frozenset(), method=None, decode_all=False):
+    """Answers by question key; `decode_all`: every question decodes max_new_tokens tokens (no early stop)."""
     method = method or get_method(method_name)
     params = method.resolve(options, budget, bundle.geometry)
     answers = []
     settings = FAST if path is evaluate_fast else REFERENCE
+    settings = dataclasses.replace(settings, stop_when_decided=False) if decode_all else settings
     path(bundle, method, params, questions, images.synthetic_loader(), preprocess="pad", settings=settings, seed=3,
          on_answers=answers.extend, answered=answered)
     return {a.question.key: a for a in answers}
@@ -103,8 +105,9 @@ def recorded_kept_sets(monkeypatch, method):
 @pytest.mark.parametrize("version, budget", SPARSEVLM)
 @pytest.mark.parametrize("model", ["tiny", pytest.param("toy", marks=pytest.mark.slow)])
 def test_sparsevlm_question_blocks_equal_the_reference(request, monkeypatch, model, version, budget) -> None:
-    """Answers, first-token logits (1e-5), visual counts per layer and the kept visual sets (and
-    merged-token counts) at every pruning layer equal the reference path's, for every question.
+    """Answers (4 greedy tokens each), first-token logits (1e-5), visual counts per layer and the
+    kept visual sets (and merged-token counts) at every pruning layer equal the reference path's,
+    for every question.
 
     The fast path shares the image prefix up to the first pruning layer and the system prompt
     beyond it; the reference path shares nothing (one left-padded row per question; v1: batch 1).
@@ -112,9 +115,9 @@ def test_sparsevlm_question_blocks_equal_the_reference(request, monkeypatch, mod
     bundle = request.getfixturevalue(f"{model}_bundle")
     questions = varied_questions()
     method, reference_hooks, blocks = recorded_kept_sets(monkeypatch, get_method("sparsevlm"))
-    reference = run(evaluate_reference, bundle, "sparsevlm", {"version": version}, budget, questions, method=method)
-    fast_answers = run(evaluate_fast, bundle, "sparsevlm", {"version": version}, budget, questions, method=method)
-    assert_same_answers(fast_answers, reference)
+    reference = run(evaluate_reference, bundle, "sparsevlm", {"version": version}, budget, questions, method=method, decode_all=True)
+    fast_answers = run(evaluate_fast, bundle, "sparsevlm", {"version": version}, budget, questions, method=method, decode_all=True)
+    assert_same_answers(fast_answers, reference)  # 4 tokens each: decoding over the per-layer caches too
     # the reference answered the questions in order, one hook row each; the fast path once per distinct (image, prompt)
     reference_kept = dict(zip(reference, [kept for hook in reference_hooks for kept in hook.kept_sets()]))
     distinct = list(dict.fromkeys((a.question.image, a.question.prompt) for a in fast_answers.values()))

@@ -243,11 +243,8 @@ def attention_probabilities(
 
     hidden (B, Q, D): the layer's INPUT hidden states of the query tokens (before input_layernorm);
     positions (B, Q) their RoPE positions; keys (B, H_kv, K, D_h) the layer's post-RoPE cached keys;
-    visible (B, Q, K) bool. The recipe is the eager one of SparseVLM's official code
-    (docs/sparsevlm-official.md §3.1): logits q k^T * 1/sqrt(D_h) in the model dtype, softmax in
-    fp32 over the visible keys, back to the model dtype. Softmax rows are independent, so computing
-    only the rows a method needs gives the same probabilities as the full L x L matrix, while the
-    layer's own output comes from SDPA.
+    visible (B, Q, K) bool. Softmax rows are independent, so computing only the rows a method needs
+    gives the probabilities of the full L x L matrix, while the layer's own output comes from SDPA.
     """
     attention = lm.layers[layer_idx].self_attn
     x = lm.layers[layer_idx].input_layernorm(hidden)
@@ -256,8 +253,17 @@ def attention_probabilities(
     queries = queries * cos[:, None] + rotate_half(queries) * sin[:, None]
     if keys.shape[1] != queries.shape[1]:  # grouped-query attention
         keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
-    logits = (queries @ keys.transpose(-1, -2)) * attention.scaling  # (B, H, Q, K)
-    logits = logits.float().masked_fill(~visible[:, None], float("-inf"))
+    return eager_probabilities(queries, keys, visible[:, None], attention.scaling)
+
+
+def eager_probabilities(queries: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
+    """queries (..., Q, D), keys (..., K, D), visible (..., Q, K) bool (broadcast) -> (..., Q, K).
+
+    The eager recipe of SparseVLM's official code (docs/sparsevlm-official.md §3.1): logits
+    q k^T * scaling in the model dtype, softmax in fp32 over the visible keys, back to the model dtype.
+    """
+    logits = (queries @ keys.transpose(-1, -2)) * scaling
+    logits = logits.float().masked_fill(~visible, float("-inf"))
     return logits.softmax(dim=-1).to(queries.dtype)
 
 
