@@ -186,6 +186,7 @@ class QuestionBlocks(LayerHook):
         present = text_lengths > 0  # (G, Q) on the CPU
         image_cpu, slot_cpu = present.nonzero(as_tuple=True)  # image by image, questions in order
         self.first_question = [0] + torch.cumsum(present.sum(1), 0).tolist()  # (G + 1) question ranges per image
+        self.image_cpu = image_cpu
         self.image, self.slot = image_cpu.to(device), slot_cpu.to(device)
         lengths = text_lengths[image_cpu, slot_cpu]  # (N,)
         self.text_length: list[int] = lengths.tolist()
@@ -246,35 +247,39 @@ class QuestionBlocks(LayerHook):
         n_extra_host = list(selection.n_extra) if selection.n_extra is not None else [0] * n
         n_extra = torch.tensor(n_extra_host, dtype=torch.long, device=device)
         block = torch.tensor(n_kept_host) + torch.tensor(n_extra_host, dtype=torch.long) + torch.tensor(self.text_length)  # (N,) CPU
-        image_cpu = self.image.cpu()
         starts = torch.cumsum(block, 0) - block
-        offset_cpu = starts - starts[torch.tensor(self.first_question[:-1])][image_cpu]  # block start in its image's row
-        width = int(torch.zeros(self.n_images, dtype=torch.long).index_add_(0, image_cpu, block).max())
+        offset_cpu = starts - starts[torch.tensor(self.first_question[:-1])][self.image_cpu]  # block start in its image's row
+        width = int(torch.zeros(self.n_images, dtype=torch.long).index_add_(0, self.image_cpu, block).max())
         offset = offset_cpu.to(device)
         row_base = self.image * width + offset  # (N,) flat index of each block's first token
         new_hidden = hidden.new_zeros(self.n_images * width, dim)
         new_positions = torch.zeros(self.n_images * width, dtype=positions.dtype, device=device)
         segment = torch.full((self.n_images * width,), -1, dtype=torch.long, device=device)
-        visual_positions = view.visual_positions()  # (N, V) before pruning
+        compact = self.pruner.compact_positions
+        visual_positions = None if compact else view.visual_positions()  # (N, V) before pruning
         order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)  # kept indices first, ascending
 
-        def place(owner: torch.Tensor, within: torch.Tensor, values: torch.Tensor, original: torch.Tensor) -> None:
+        def place(owner: torch.Tensor, within: torch.Tensor, values: torch.Tensor, original) -> None:
+            """Write tokens of questions `owner` at their block index `within`; `original()` their positions."""
             dest = row_base[owner] + within
             new_hidden[dest] = values
-            new_positions[dest] = (self.prefix_len + within if self.pruner.compact_positions else original).to(positions.dtype)
+            new_positions[dest] = (self.prefix_len + within if compact else original()).to(positions.dtype)
             segment[dest] = self.slot[owner] + 1
 
         owner, j = ragged(n_kept, sum(n_kept_host))  # kept visual tokens
         source = order[owner, j]
-        place(owner, j, self.visual_output(hidden, owner, source), visual_positions[owner, source])
-        if sum(n_extra_host):  # the method's tokens, at the position of the token before them (original positions)
+        place(owner, j, self.visual_output(hidden, owner, source), lambda: visual_positions[owner, source])
+        if sum(n_extra_host):  # the method's tokens; original positions: the position of the token before them
+
+            def before() -> torch.Tensor:
+                last = order.gather(1, (n_kept - 1).clamp(min=0)[:, None])[:, 0]
+                return torch.where(n_kept > 0, visual_positions.gather(1, last[:, None])[:, 0], max(self.prefix_len - 1, 0))[owner]
+
             owner, j = ragged(n_extra, sum(n_extra_host))
-            last = order.gather(1, (n_kept - 1).clamp(min=0)[:, None])[:, 0]
-            before = torch.where(n_kept > 0, visual_positions.gather(1, last[:, None])[:, 0], max(self.prefix_len - 1, 0))
-            place(owner, n_kept[owner] + j, selection.extra[owner, j].to(hidden.dtype), before[owner])
+            place(owner, n_kept[owner] + j, selection.extra[owner, j].to(hidden.dtype), before)
         owner, j = ragged(self.text_length_t, sum(self.text_length))  # the text
         source = self.image[owner] * hidden.shape[1] + self.text_row[owner, j]
-        place(owner, n_kept[owner] + n_extra[owner] + j, hidden.reshape(-1, dim)[source], positions.reshape(-1)[source])
+        place(owner, n_kept[owner] + n_extra[owner] + j, hidden.reshape(-1, dim)[source], lambda: positions.reshape(-1)[source])
 
         self.kept[layer_idx] = (kept, n_extra_host, selection.extra)
         self.n_visual = [k + e for k, e in zip(n_kept_host, n_extra_host)]
@@ -282,6 +287,7 @@ class QuestionBlocks(LayerHook):
         self.visual_row = (offset[:, None] + torch.arange(max(self.n_visual), device=device)).clamp(max=width - 1)
         self.text_row = (offset[:, None] + self.n_visual_t[:, None] + torch.arange(self.text_row.shape[1], device=device)).clamp(max=width - 1)
         self.key_offset = self.prefix_len
+        self.image_hidden = None  # the visual tokens live in the blocks from now on
         self.max_slot = max(self.max_slot, self.prefix_len + width)
         if self.pruner.compact_positions:  # decoding: each layer at its own length (docs/sparsevlm-official.md §5.3)
             shift = torch.zeros(self.n_images, self.n_slots, dtype=torch.long, device=device)
