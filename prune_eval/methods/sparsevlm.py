@@ -493,7 +493,6 @@ class SparseVLMPruner:
         self.rater_valid: torch.Tensor | None = None  # (N, R)
         self.noise: torch.Tensor | None = None  # (N, draws) in the model dtype
         self.noise_used: torch.Tensor | None = None  # (N,) CPU: draws consumed so far
-        self.rank: dict[int, torch.Tensor] = {}  # v1: layer -> (N,) ranks
 
     def start(self, inputs: QuestionInputs) -> None:
         raters = select_raters_batched(inputs.visual, inputs.text, inputs.text_valid)[inputs.image, inputs.slot]  # (N, T)
@@ -507,7 +506,6 @@ class SparseVLMPruner:
             stream = noise_stream(inputs.seeds, len(self.layers) * (int(self.n_image_visual * 0.3) + 1))
             self.noise = stream.to(inputs.visual.dtype).to(inputs.visual.device)
             self.noise_used = torch.zeros(len(inputs.seeds), dtype=torch.long)
-        self.rank = {}
 
     def select(self, view: PruningView) -> VisualSelection:
         step = self.layers.index(view.layer_idx)
@@ -525,7 +523,6 @@ class SparseVLMPruner:
         n_visual = torch.tensor(view.n_visual)
         if self.version.rank_rule:
             rank = ranks_batched(relation, rater_valid, visual_valid).cpu()  # one sync
-            self.rank[view.layer_idx] = rank
             k = torch.minimum((rank.double() * self.params["scale"] + self.params["bias"]).trunc().long(), n_visual - 1).clamp(min=0)
             k = torch.where(rank == n_visual, n_visual, k)  # full rank: this layer leaves the question unchanged
         else:
