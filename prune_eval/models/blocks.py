@@ -93,13 +93,19 @@ def ragged(counts: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class PruningView:
-    """One pruning layer seen per question (N questions; V = the most visual tokens any has now)."""
+    """One pruning layer seen per question (N questions; V = the most visual tokens any has now).
+
+    `n_visual` (host list) and `visual_valid` (N, V) give each question's current visual tokens,
+    `text_length` (N,) its number of text tokens (e.g. FastV's last prompt token is
+    `text_length - 1`); `attention`, `visual_features` and the position accessors read the layer.
+    """
 
     def __init__(self, blocks: "QuestionBlocks", layer_idx: int, layer_input: torch.Tensor, hidden: torch.Tensor,
                  positions: torch.Tensor, meta: TokenMeta, cache: KVCache) -> None:
         self.blocks, self.layer_idx = blocks, layer_idx
         self.layer_input, self.hidden, self.positions, self.meta, self.cache = layer_input, hidden, positions, meta, cache
         self.n_visual: list[int] = list(blocks.n_visual)
+        self.text_length: torch.Tensor = blocks.text_length_t  # (N,) long
         self.visual_valid = torch.arange(max(self.n_visual), device=hidden.device) < blocks.n_visual_t[:, None]  # (N, V)
 
     @property
