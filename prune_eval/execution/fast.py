@@ -153,8 +153,6 @@ def generate_question_blocks(
     settings: EvalSettings,
     pruner: QuestionPruner,
     seeds: Sequence[int],
-    *,
-    on_blocks: Callable[[QuestionBlocks], None] | None = None,
 ) -> list[list[Generation]]:
     """Greedy answers with question-dependent pruning inside the LLM (prune_eval.models.blocks).
 
@@ -164,7 +162,7 @@ def generate_question_blocks(
     that cache; the prefix (system prompt) runs once through the later layers and is written into
     every image's cache; from `pruner.layers[0]`'s output on each question has its own block of
     kept visual tokens in the packed row. Decoding appends one token per question, each layer at
-    the question's position for that layer. `on_blocks` receives the hook (tests read its kept sets).
+    the question's position for that layer.
     """
     lm, device = bundle.lm, bundle.device
     n_images, n_visual, dim = visual.shape
@@ -181,8 +179,6 @@ def generate_question_blocks(
                             text_lengths=rows.lengths, text_rows_width=width - shared)
     blocks.start(hidden[:, shared:], visual.to(hidden.dtype), list(seeds))
     out, _ = run_layers(lm, hidden[:, shared:], positions[:, shared:], _columns(meta, shared, width), cache, decoding=False, hook=blocks)
-    if on_blocks is not None:
-        on_blocks(blocks)
     per_question = [list(counts) for counts in zip(*blocks.visual_per_layer)]  # (N) lists over layers
     per_layer, position = [], 0
     for row in prompts:

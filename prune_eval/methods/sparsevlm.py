@@ -19,6 +19,11 @@ In short, per (image, question), in prefill only:
 Only the raters' attention rows are computed (with the layer output itself from SDPA); the scores
 are mathematically those of the official full eager matrix.
 
+Two pieces of plumbing call the same rules: SparseVLMHook, row by row, for the reference path
+(the obviously-correct baseline), and SparseVLMPruner, over all questions of a batch at once, for
+the fast path's question blocks (prune_eval.models.blocks); the batched functions are tested
+against the per-row ones.
+
 "Budget" is SparseVLM's nominal 32-layer average, not the tokens entering the LLM (all 576 do);
 every record carries the visual-token count of each layer, from which the summary derives the
 official "equal tokens" figure and the true average each layer processes.

@@ -69,7 +69,9 @@ class QuestionPruner(Protocol):
     re-numbered 0..N'-1 and decoding uses each layer's own length (SparseVLM v1, v1.5), or keep
     their original positions (SparseVLM v2). `max_visual`: the most visual tokens a question can
     carry after `layers[0]` (plans batch sizes). `start` runs before layer 0 (SparseVLM picks its
-    raters there); `select` decides at each pruning layer.
+    raters there); `select` decides at each pruning layer. A pruner prunes visual tokens only: the
+    system prompt before the image and the question's text are kept, the prompt at positions
+    0..P-1, which is what lets the prompt's keys/values be shared by all questions in every layer.
     """
 
     layers: tuple[int, ...]
