@@ -296,6 +296,13 @@ def test_noise_stream_is_the_per_call_draws() -> None:
         assert torch.equal(torch.cat(draws), stream[row, :348])
 
 
+def test_pruner_plans_with_the_official_counts_after_the_first_layer() -> None:
+    """max_visual (batch planning) = tokens after layer 2: k + clusters (docs/sparsevlm-official.md §7.3)."""
+    expected = {("v1.5", 192): 309, ("v1.5", 128): 312, ("v1.5", 64): 82, ("v2", 192): 300, ("v2", 128): 238, ("v2", 64): 66, ("v1", 128): 576}
+    for (version, budget), count in expected.items():
+        assert SparseVLMPruner(resolve({"version": version}, budget, LLAVA_7B), None, 35, 576).max_visual == count
+
+
 class FakeView:
     """What SparseVLMPruner.select reads from a pruning layer, with chosen attention and features."""
 
