@@ -3,7 +3,7 @@
 With causal attention the tokens before the question (system prompt + image) have the same hidden
 states, keys and values for every question of an image in every layer up to and including the
 first layer whose output a question-dependent method changes (SparseVLM: its first pruning layer;
-FastV: its layer K). The fast path (prune_eval.execution.fast.generate_question_blocks) therefore
+FastV: the layer whose attention decides its pruning). The fast path (prune_eval.execution.fast.generate_question_blocks) therefore
 1. prefills each image's [system prompt | visual tokens] once, up to and including that layer;
 2. runs all the image's questions, packed in one row, over that cache (segment masks, as for
    vanilla) up to the same layer;
@@ -13,15 +13,17 @@ FastV: its layer K). The fast path (prune_eval.execution.fast.generate_question_
    (0..P-1 whether a version re-numbers the rest or not), so its keys/values are identical for all
    questions in every layer: they are computed once and written into each image's cache, and the
    blocks attend to them as the shared segment 0.
-A question's tokens see segment 0 and their own block only, so each question computes exactly what
-it computes alone in a row [system prompt | visual | text] (tests/test_fast.py checks it against
-the reference path).
+A question's tokens see segment 0 and their own block only, so each question computes what it
+computes alone in a row [system prompt | visual | text]: the same operations, up to floating-point
+rounding of differently shaped products (tests/test_fast.py: answers, logits within 1e-5 and kept
+sets equal to the reference path's on the CPU in fp32).
 
 This module holds step 3's layout and the hook that maintains it between pruning layers. What to
 keep is the method's decision, made in tensors over all questions of a batch at once
 (`QuestionPruner`); the hook builds the per-question view it needs (attention probabilities of
 chosen query tokens over the question's own visual tokens, their hidden states) and re-packs the
-rows. Host syncs: one per pruning layer (the new block lengths), none per question.
+rows. The hook syncs with the host once per pruning layer (the new block lengths), never per
+question.
 """
 
 from __future__ import annotations
