@@ -11,10 +11,14 @@ structure (the pinned 8910 questions on 500 images, passed with --questions) and
 - prune_eval: `eval.fast=true` over all questions, model loaded.
 Reported: wall time for the full POPE, questions/s, speedup, prefill TFLOP/s of the packed path
 against the matmul peak measured in the same run, where the time goes (vision / prefill / decode /
-host), and peak GPU memory. `--check` also compares first-token logits of the fast and reference
-paths on a few images. `--tiny` runs a small model on the CPU to try the script.
+host), prefill token-layers (rows x row width summed over layers, padding included), the wall
+time relative to VisionZip@64 when it is in the run, and peak GPU memory. `--check` also compares
+first-token logits of the fast and reference paths on a few images. `--tiny` runs a small model on
+the CPU to try the script (with `--limit-images` and a small `--peer-questions`).
 
     python benchmarks/pope_throughput.py --questions ../shared/data/pope/llava-1.5 --out bench.json
+    python benchmarks/pope_throughput.py --questions ../shared/data/pope/llava-1.5 --tiny --limit-images 3 \
+        --peer-questions 2 --configs visionzip-64,sparsevlm-v1.5-64,sparsevlm-v2-64
 """
 
 from __future__ import annotations
@@ -114,28 +118,37 @@ def matmul_peak(device: torch.device) -> float | None:
 
 
 class Timers:
-    """Wall time (synchronized) and matmul FLOPs of prefill and decode calls of the decoder loop."""
+    """Wall time (synchronized), matmul FLOPs and token-layers of the prefill and decode calls of the
+    decoder loop (run_layers / forward_layers), as the fast path calls them."""
 
     def __init__(self, bundle) -> None:
         self.bundle = bundle
         self.seconds = {"prefill": 0.0, "decode": 0.0}
         self.flops = 0.0
+        self.token_layers = 0  # prefill: rows x row width (padding included), summed over layers
+        self.unknown = False  # a hooked prefill whose per-layer shapes are not known
         cfg = bundle.model.config.text_config
-        d, m, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-        self.per_token = layers * 2 * (4 * d * d + 3 * d * m)  # q, k, v, o and the gated MLP
-        self.attention = layers * 4 * d  # x W^2: q k^T and attention . v over a full W x W block
+        d, m = cfg.hidden_size, cfg.intermediate_size
+        self.per_token = 2 * (4 * d * d + 3 * d * m)  # one layer: q, k, v, o and the gated MLP
+        self.per_query_key = 4 * d  # one layer: q k^T and attention . v for one (query, key) pair
 
     def wrap(self, original):
-        def timed(lm, hidden, positions, meta, cache, *, decoding, hook=None):
+        def timed(lm, hidden, positions, meta, cache, *, decoding, hook=None, **kwargs):
+            layers = kwargs.get("layers") or range(lm.n_layers)
+            cached = cache.get_seq_length(layers[0]) if len(layers) else 0
             sync(self.bundle.device)
             started = time.perf_counter()
-            out = original(lm, hidden, positions, meta, cache, decoding=decoding, hook=hook)
+            out = original(lm, hidden, positions, meta, cache, decoding=decoding, hook=hook, **kwargs)
             sync(self.bundle.device)
-            kind = "decode" if decoding else "prefill"
-            self.seconds[kind] += time.perf_counter() - started
-            if not decoding and hook is None:
-                batch, width = hidden.shape[:2]
-                self.flops += batch * width * self.per_token + batch * width * width * self.attention
+            self.seconds["decode" if decoding else "prefill"] += time.perf_counter() - started
+            if not decoding:
+                # (rows, row width, keys per row) per layer: the question-blocks hook records them
+                shapes = getattr(hook, "processed", None) if hook is not None else [(hidden.shape[0], hidden.shape[1], cached + hidden.shape[1])] * len(layers)
+                if shapes is None:
+                    self.unknown = True
+                for rows, width, keys in shapes or []:
+                    self.flops += rows * width * (self.per_token + keys * self.per_query_key)
+                    self.token_layers += rows * width
             return out
 
         return timed
@@ -146,8 +159,8 @@ def run_fast(bundle, name: str, questions, settings: EvalSettings) -> dict:
     method = get_method(method_name)
     params = method.resolve(options, budget, bundle.geometry)
     timers = Timers(bundle)
-    original = fast.run_layers
-    fast.run_layers = timers.wrap(original)
+    original, original_forward = fast.run_layers, fast.forward_layers
+    fast.run_layers, fast.forward_layers = timers.wrap(original), timers.wrap(original_forward)
     import prune_eval.execution.engine as engine
 
     engine_original = engine.run_layers
@@ -162,7 +175,7 @@ def run_fast(bundle, name: str, questions, settings: EvalSettings) -> dict:
                            seed=0, on_answers=answers.extend)
         sync(bundle.device)
     finally:
-        fast.run_layers, engine.run_layers = original, engine_original
+        fast.run_layers, fast.forward_layers, engine.run_layers = original, original_forward, engine_original
     wall = time.perf_counter() - started
     assert len(answers) == len(questions)
     return {
@@ -170,7 +183,8 @@ def run_fast(bundle, name: str, questions, settings: EvalSettings) -> dict:
         "questions_per_s": len(questions) / wall,
         "prefill_s": timers.seconds["prefill"],
         "decode_s": timers.seconds["decode"],
-        "prefill_tflops": timers.flops / timers.seconds["prefill"] / 1e12 if timers.flops else None,
+        "prefill_tflops": timers.flops / timers.seconds["prefill"] / 1e12 if timers.flops and not timers.unknown else None,
+        "prefill_token_layers": timers.token_layers if not timers.unknown else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else None,
         "new_tokens": statistics.mean(len(a.generation.token_ids) for a in answers),
     }
@@ -268,6 +282,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (eval.compile=true); compile time is reported apart")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown config {unknown[0]!r}; choices: {', '.join(CONFIGS)}")
 
     questions, provenance = pope.load_pope(args.questions, version="llava-1.5")
     if args.limit_images:
@@ -289,11 +307,11 @@ def main() -> None:
         bundle.lm = bundle.lm.compiled()
     started = time.perf_counter()
     # warm-up: kernels, allocator, compilation of the shapes each timed configuration meets (masks, pruned widths)
-    for warm in dict.fromkeys(["visionzip-64", "vanilla-576", *args.configs.split(",")]):
+    for warm in dict.fromkeys(["visionzip-64", "vanilla-576", *configs]):
         run_fast(bundle, warm, questions[:36], settings)
     result["warmup_s"] = time.perf_counter() - started
     result["compiled"] = args.compile
-    for name in args.configs.split(","):
+    for name in configs:
         ours = run_fast(bundle, name, questions, settings)
         compiled_lm, bundle.lm = bundle.lm, peer_lm  # the peer loop runs eager, as everyone's does
         peer = run_peer(bundle, name, questions[: args.peer_questions], settings)
@@ -303,14 +321,20 @@ def main() -> None:
                  "peer_llm_per_question_s": peer["llm_per_question_s"],
                  "peer_full_s_extrapolated": peer_full, "speedup": peer_full / ours["wall_s"]}
         result["configs"][name] = entry
+        if "visionzip-64" in result["configs"]:  # the SparseVLM issue's target: at most 2x VisionZip@64, same run
+            for e in result["configs"].values():
+                e["vs_visionzip_64"] = e["wall_s"] / result["configs"]["visionzip-64"]["wall_s"]
         print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
         if args.out:
             args.out.write_text(json.dumps(result, indent=2))
-    print(f"\n{'config':20} {'ours s':>8} {'q/s':>7} {'peer s*':>8} {'speedup':>8} {'prefill TF/s':>12} {'prefill s':>9} {'decode s':>8} {'peak GiB':>8}")
+    print(f"\n{'config':20} {'ours s':>8} {'q/s':>7} {'peer s*':>8} {'speedup':>8} {'/VZ@64':>7} {'prefill TF/s':>12} {'prefill s':>9} {'decode s':>8} {'M tok-layers':>12} {'peak GiB':>8}")
     for name, e in result["configs"].items():
         tf = f"{e['prefill_tflops']:.0f}" if e["prefill_tflops"] else "-"
         mem = f"{e['peak_memory_gib']:.1f}" if e["peak_memory_gib"] else "-"
-        print(f"{name:20} {e['wall_s']:8.1f} {e['questions_per_s']:7.0f} {e['peer_full_s_extrapolated']:8.0f} {e['speedup']:7.1f}x {tf:>12} {e['prefill_s']:9.1f} {e['decode_s']:8.1f} {mem:>8}")
+        ratio = f"{e['vs_visionzip_64']:.2f}" if "vs_visionzip_64" in e else "-"
+        tokens = f"{e['prefill_token_layers'] / 1e6:.2f}" if e["prefill_token_layers"] is not None else "-"
+        print(f"{name:20} {e['wall_s']:8.1f} {e['questions_per_s']:7.0f} {e['peer_full_s_extrapolated']:8.0f} {e['speedup']:7.1f}x {ratio:>7} "
+              f"{tf:>12} {e['prefill_s']:9.1f} {e['decode_s']:8.1f} {tokens:>12} {mem:>8}")
     print(f"* peer extrapolated from {args.peer_questions} questions; matmul peak {result['matmul_peak_tflops']}")
 
 

@@ -1,31 +1,49 @@
-"""The fast path (shared image prefix, packed questions, duplicates once) against the reference path."""
+"""The fast path (shared image prefix, packed questions, duplicates once, question blocks for
+SparseVLM) against the reference path."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from prune_eval.data import images, synthetic
+from prune_eval.execution import fast
 from prune_eval.execution.engine import EvalSettings, evaluate_reference
 from prune_eval.execution.fast import evaluate_fast, generate_packed, group_by_image
 from prune_eval.execution.engine import generate_rows, tokenized_prompts, visual_tokens
 from prune_eval.methods import get_method
+from prune_eval.models import loading
 from prune_eval.models.prompt import tokenize_prompts
 
 REFERENCE = EvalSettings(batch_size=5, max_new_tokens=4, stop_when_decided=True, fast=False)
 FAST = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=True, fast=True, batch_images=2, batch_tokens=4096)
-CASES = [("vanilla", {}, 576), ("visionzip", {}, 64), ("random", {}, 32), ("sparsevlm", {"version": "v1.5"}, 64),
-         ("sparsevlm", {"version": "v2"}, 64), ("sparsevlm", {"version": "v1"}, 128)]
+CASES = [("vanilla", {}, 576), ("visionzip", {}, 64), ("random", {}, 32)]
 
 
-def run(path, bundle, method_name, options, budget, questions, answered=frozenset()):
-    method = get_method(method_name)
+def run(path, bundle, method_name, options, budget, questions, answered=frozenset(), method=None, decode_all=False):
+    """Answers by question key; `decode_all`: every question decodes max_new_tokens tokens (no early stop)."""
+    method = method or get_method(method_name)
     params = method.resolve(options, budget, bundle.geometry)
     answers = []
     settings = FAST if path is evaluate_fast else REFERENCE
+    settings = dataclasses.replace(settings, stop_when_decided=False) if decode_all else settings
     path(bundle, method, params, questions, images.synthetic_loader(), preprocess="pad", settings=settings, seed=3,
          on_answers=answers.extend, answered=answered)
     return {a.question.key: a for a in answers}
+
+
+def assert_same_answers(fast_answers, reference_answers) -> None:
+    assert fast_answers.keys() == reference_answers.keys()
+    for key, expected in reference_answers.items():
+        got = fast_answers[key]
+        assert got.generation.token_ids == expected.generation.token_ids, key
+        assert got.generation.stop_reason == expected.generation.stop_reason
+        assert got.generation.visual_per_layer == expected.generation.visual_per_layer
+        assert got.generation.prompt_tokens == expected.generation.prompt_tokens
+        torch.testing.assert_close(got.generation.first_logits, expected.generation.first_logits, atol=1e-5, rtol=1e-5)
 
 
 def duplicated_questions():
@@ -40,15 +58,85 @@ def duplicated_questions():
 def test_fast_path_gives_the_reference_answers(tiny_bundle, method, options, budget) -> None:
     questions = duplicated_questions()
     reference = run(evaluate_reference, tiny_bundle, method, options, budget, questions)
-    fast = run(evaluate_fast, tiny_bundle, method, options, budget, questions)
-    assert reference.keys() == fast.keys() == {q.key for q in questions}
-    for key, expected in reference.items():
-        got = fast[key]
-        assert got.generation.token_ids == expected.generation.token_ids, key
-        assert got.generation.stop_reason == expected.generation.stop_reason
-        assert got.generation.visual_per_layer == expected.generation.visual_per_layer
-        assert got.generation.prompt_tokens == expected.generation.prompt_tokens
-        torch.testing.assert_close(got.generation.first_logits, expected.generation.first_logits, atol=1e-5, rtol=1e-5)
+    fast_answers = run(evaluate_fast, tiny_bundle, method, options, budget, questions)
+    assert reference.keys() == {q.key for q in questions}
+    assert_same_answers(fast_answers, reference)
+
+
+# ------------------------------------------------------------------ SparseVLM in question blocks
+SPARSEVLM = [(version, budget) for version in ("v1", "v1.5", "v2") for budget in (64, 128, 192)]
+
+
+@pytest.fixture(scope="module")
+def toy_bundle():
+    return loading.load(OmegaConf.create({"name": "toy", "source": "toy", "path": None, "tokenization": "hf"}),
+                        dtype=torch.float32, device=torch.device("cpu"))
+
+
+def varied_questions():
+    """Two images; questions of three lengths; a prompt asked twice (another split); the second
+    image has fewer questions than the first (padded question slots)."""
+    questions = synthetic.make_questions(2, seed=4)
+    by_key = {q.key: q for q in questions}
+    chosen = [by_key[f"adversarial/{i}"] for i in range(1, 12)] + [by_key["popular/2"], by_key["random/7"]]
+    longer = {"adversarial/3": "in this image in the image?", "adversarial/9": "in this image?"}
+    chosen = [dataclasses.replace(q, prompt=q.prompt.replace("in the image?", longer[q.key])) if q.key in longer else q for q in chosen]
+    assert len({(q.image, q.prompt) for q in chosen}) == len(chosen) - 2
+    return chosen
+
+
+def recorded_kept_sets(monkeypatch, method):
+    """Capture the hooks both paths create; returns the method to run and the two recorders."""
+    reference_hooks, blocks = [], []
+
+    def make_hook(*args, **kwargs):
+        reference_hooks.append(method.make_hook(*args, **kwargs))
+        return reference_hooks[-1]
+
+    class Recorded(fast.QuestionBlocks):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            blocks.append(self)
+
+    monkeypatch.setattr(fast, "QuestionBlocks", Recorded)
+    return dataclasses.replace(method, make_hook=make_hook), reference_hooks, blocks
+
+
+@pytest.mark.parametrize("version, budget", SPARSEVLM)
+@pytest.mark.parametrize("model", ["tiny", pytest.param("toy", marks=pytest.mark.slow)])
+def test_sparsevlm_question_blocks_equal_the_reference(request, monkeypatch, model, version, budget) -> None:
+    """Answers (4 greedy tokens each), first-token logits (1e-5), visual counts per layer and the
+    kept visual sets (and merged-token counts) at every pruning layer equal the reference path's,
+    for every question.
+
+    The fast path shares the image prefix up to the first pruning layer and the system prompt
+    beyond it; the reference path shares nothing (one left-padded row per question; v1: batch 1).
+    """
+    bundle = request.getfixturevalue(f"{model}_bundle")
+    questions = varied_questions()
+    method, reference_hooks, blocks = recorded_kept_sets(monkeypatch, get_method("sparsevlm"))
+    reference = run(evaluate_reference, bundle, "sparsevlm", {"version": version}, budget, questions, method=method, decode_all=True)
+    fast_answers = run(evaluate_fast, bundle, "sparsevlm", {"version": version}, budget, questions, method=method, decode_all=True)
+    assert_same_answers(fast_answers, reference)  # 4 tokens each: decoding over the per-layer caches too
+    # the reference answered the questions in order, one hook row each; the fast path once per distinct (image, prompt)
+    reference_kept = dict(zip(reference, [kept for hook in reference_hooks for kept in hook.kept_sets()]))
+    distinct = list(dict.fromkeys((a.question.image, a.question.prompt) for a in fast_answers.values()))
+    fast_kept = dict(zip(distinct, [kept for hook in blocks for kept in hook.kept_sets()]))
+    assert len(fast_kept) == len(distinct) == len(questions) - 2
+    pruning_layers = get_method("sparsevlm").resolve({"version": version}, budget, bundle.geometry)["layers"]
+    for key, answer in fast_answers.items():
+        expected = reference_kept[key]
+        assert sorted(expected) == pruning_layers
+        assert fast_kept[(answer.question.image, answer.question.prompt)] == expected, key
+
+
+def test_question_dependent_method_without_pruner_runs_one_row_per_question(tiny_bundle) -> None:
+    """A method with a reference-path hook but no make_pruner (question blocks) still gets the
+    fast path's image-level sharing, and the reference answers."""
+    questions = varied_questions()
+    method = dataclasses.replace(get_method("sparsevlm"), make_pruner=None)
+    reference = run(evaluate_reference, tiny_bundle, "sparsevlm", {"version": "v1.5"}, 64, questions, method=method)
+    assert_same_answers(run(evaluate_fast, tiny_bundle, "sparsevlm", {"version": "v1.5"}, 64, questions, method=method), reference)
 
 
 def test_packed_questions_of_different_lengths(tiny_bundle) -> None:

@@ -16,23 +16,33 @@ from prune_eval.data import images, synthetic
 from prune_eval.execution.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import ModelGeometry, get_method
+from prune_eval.methods import sparsevlm
 from prune_eval.methods.sparsevlm import (
     RowDecision,
     SparseVLMHook,
+    SparseVLMPruner,
     dpc_knn_merge,
+    dpc_knn_merge_batched,
     gravity_divisor,
+    masked_rater_mean,
+    noise_stream,
     priority_heads,
-    rater_attention,
+    priority_heads_batched,
+    ranks_batched,
     recycling_candidates,
+    recycling_candidates_batched,
     resolve,
     select_raters,
+    select_raters_batched,
     top_k_keep,
+    top_k_kept,
     v1_keep_count,
     visual_scores,
 )
 from prune_eval.models import loading
+from prune_eval.models.blocks import QuestionInputs
 from prune_eval.models.prompt import tokenize_prompts
-from prune_eval.models.llm import KVCache, TokenMeta, greedy_tokens, run_layers
+from prune_eval.models.llm import KVCache, TokenMeta, eager_probabilities, greedy_tokens, run_layers
 
 LLAVA_7B = ModelGeometry(n_patches=576, vision_layers=24, vision_heads=16, text_layers=32, text_heads=32, text_hidden=4096, text_intermediate=11008)
 SETTINGS = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=False, fast=False)
@@ -104,7 +114,7 @@ def test_rater_attention_and_scores_match_reference() -> None:
     q, k = torch.randn(4, 5, 8, generator=g), torch.randn(4, 30, 8, generator=g)
     visible = torch.ones(5, 30, dtype=torch.bool)
     visible[:, 27:] = torch.tensor([[c <= 25 + r for c in range(27, 30)] for r in range(5)])  # causal tail
-    ours = rater_attention(q, k, visible, 8**-0.5)
+    ours = eager_probabilities(q, k, visible, 8**-0.5)
     expected = ref_attention(q, k, visible, 8**-0.5)
     torch.testing.assert_close(ours.double(), expected, atol=1e-6, rtol=1e-6)
     visual = list(range(3, 20))
@@ -161,6 +171,9 @@ def test_gravity_divisor_closed_form_and_priority_heads() -> None:
         for b in range(4):
             closed = 2 / head_dim**0.5 * sum(math.cos((positions[a] - positions[b]) * float(t)) for t in inv_freq)
             assert float(ours[a, b]) == pytest.approx(closed, abs=1e-5)
+    batched = gravity_divisor(torch.stack([cos, cos.flip(0)]), torch.stack([sin, sin.flip(0)]), torch.stack([cos, cos]), torch.stack([sin, sin]))
+    torch.testing.assert_close(batched[0], ours, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(batched[1], gravity_divisor(cos.flip(0), sin.flip(0), cos, sin), atol=1e-6, rtol=1e-6)
     attention = torch.rand(6, 3, 20)
     visual = torch.arange(5, 15)
     mass = [float(attention[h][:, 5:15].sum()) for h in range(6)]
@@ -185,6 +198,171 @@ def test_resolve_versions_and_errors() -> None:
     assert resolve({"version": "v1.5"}, 64, small)["layers"] == [0, 1, 3]
     with pytest.raises(PruneEvalError, match="method.layer_rule=scaled"):
         resolve({"version": "v1.5", "layer_rule": "official"}, 64, small)
+
+
+# ------------------------------------------------------------------ the batched versions against the per-row ones
+def padded_rows(rows: list[torch.Tensor], fill: float = float("nan")) -> torch.Tensor:
+    """Stack tensors of different leading sizes along a new first axis, padding with `fill`."""
+    shape = [max(r.shape[i] for r in rows) for i in range(rows[0].dim())]
+    out = torch.full((len(rows), *shape), fill)
+    for n, r in enumerate(rows):
+        out[(n, *[slice(0, d) for d in r.shape])] = r
+    return out
+
+
+def test_batched_raters_equal_per_question_raters() -> None:
+    """Images with several questions of different lengths (and an absent question slot); one
+    question with exactly one rater."""
+    g = torch.Generator().manual_seed(3)
+    visual = torch.randn(2, 30, 16, generator=g)
+    lengths = [[7, 3, 12], [5, 9, 0]]
+    text = torch.zeros(2, 3, 12, 16)
+    for i in range(2):
+        for q in range(3):
+            text[i, q, : lengths[i][q]] = torch.randn(lengths[i][q], 16, generator=g)
+    text[1, 0, :5] = 0.01 * torch.randn(5, 16, generator=g)
+    text[1, 0, 2] = visual[1].mean(0) * 40  # one token takes nearly all of the softmax mass
+    valid = torch.arange(12) < torch.tensor(lengths)[..., None]
+    batched = select_raters_batched(visual, text, valid)
+    for i in range(2):
+        for q in range(3):
+            n = lengths[i][q]
+            if n == 0:
+                assert not batched[i, q].any()
+                continue
+            expected = select_raters(visual[i], text[i, q, :n]).tolist()
+            assert batched[i, q].nonzero()[:, 0].tolist() == expected == ref_raters(visual[i], text[i, q, :n])
+    assert batched[1, 0].nonzero()[:, 0].tolist() == [2]
+
+
+def test_batched_scores_heads_and_ranks_equal_per_row() -> None:
+    """Rows with different rater and visual counts; padding is NaN and must not leak. One row has
+    duplicated rater rows (rank 2 of 4), one has more raters than visual tokens (full rank = nV),
+    and two heads of one row carry equal mass (a tie)."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(4, 10), (1, 7), (3, 3), (4, 9)]  # (raters, visual tokens)
+    rows = [torch.rand(5, r, v, generator=g) for r, v in shapes]
+    rows[0][:, 2:] = rows[0][:, :2]  # rank 2
+    rows[3][1] = rows[3][3]  # heads 1 and 3 tie
+    attention = padded_rows(rows)
+    rater_valid = torch.arange(4) < torch.tensor([r for r, _ in shapes])[:, None]
+    visual_valid = torch.arange(10) < torch.tensor([v for _, v in shapes])[:, None]
+    relation = attention.mean(dim=1)
+    scores = masked_rater_mean(relation, rater_valid)
+    heads = priority_heads_batched(attention, rater_valid, visual_valid, 2)
+    ranks = ranks_batched(relation, rater_valid, visual_valid)
+    for n, (r, v) in enumerate(shapes):
+        visual = torch.arange(v)
+        torch.testing.assert_close(scores[n, :v], visual_scores(rows[n], visual), atol=1e-7, rtol=1e-6)
+        assert heads[n].tolist() == priority_heads(rows[n], visual, 2).tolist()
+        assert int(ranks[n]) == v1_keep_count(rows[n], visual, 1.0, 0.0)[1] == np.linalg.matrix_rank(rows[n].mean(0).numpy())
+    assert ranks.tolist() == [2, 1, 3, 4]
+
+
+def test_batched_top_k_and_recycling_candidates_with_ties() -> None:
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.5, 0.8, 0.2, 0.5, 0.05, 0.6, 0.4, 0.15, 0.35],
+                           [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1, 0.2, 0.2],
+                           torch.linspace(0, 1, 12).tolist()])
+    for k in (1, 4, 6, 11):
+        kept = top_k_kept(scores, k)
+        candidates, clusters = recycling_candidates_batched(scores, kept, k)
+        for n in range(3):
+            keep = top_k_keep(scores[n], k)
+            assert kept[n].nonzero()[:, 0].tolist() == keep.tolist()
+            expected, expected_clusters = recycling_candidates(scores[n], keep)
+            assert candidates[n].tolist() == expected.tolist() and clusters == expected_clusters
+
+
+@pytest.mark.parametrize("n, c", [(1, 1), (9, 1), (25, 3), (40, 5)])
+def test_batched_dpc_knn_equals_per_row(monkeypatch, n: int, c: int) -> None:
+    """Bit-identical to dpc_knn_merge row by row, also when the rows are split into chunks."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, 32, generator=g)
+    x[2, n // 2 :] = x[2, : n - n // 2].clone()  # duplicated points (distance 0 ties)
+    noise = torch.rand(5, n, generator=g) * 1e-6
+    monkeypatch.setattr(sparsevlm, "DPC_CHUNK_ELEMENTS", 2 * n * n * 32)  # chunks of two rows
+    merged = dpc_knn_merge_batched(x, c, noise)
+    for row in range(5):
+        assert torch.equal(merged[row], dpc_knn_merge(x[row], c, noise[row]))
+
+
+def test_noise_stream_is_the_per_call_draws() -> None:
+    """The per-row hook draws torch.rand(n_rec) at each recycling layer; the stream's consecutive
+    slices are those draws (holds for the installed torch's CPU generator)."""
+    stream = noise_stream([5, 77], 400)
+    for row, seed in enumerate([5, 77]):
+        generator = torch.Generator().manual_seed(seed)
+        draws = [torch.rand(n, generator=generator) * 1e-6 for n in (154, 16, 5, 173)]
+        assert torch.equal(torch.cat(draws), stream[row, :348])
+
+
+def test_pruner_plans_with_the_official_counts_after_the_first_layer() -> None:
+    """max_visual (batch planning) = tokens after layer 2: k + clusters (docs/sparsevlm-official.md §7.3)."""
+    expected = {("v1.5", 192): 309, ("v1.5", 128): 312, ("v1.5", 64): 82, ("v2", 192): 300, ("v2", 128): 238, ("v2", 64): 66, ("v1", 128): 576}
+    for (version, budget), count in expected.items():
+        assert SparseVLMPruner(resolve({"version": version}, budget, LLAVA_7B), None, 35, 576).max_visual == count
+
+
+class FakeView:
+    """What SparseVLMPruner.select reads from a pruning layer, with chosen attention and features."""
+
+    def __init__(self, layer_idx: int, attention: torch.Tensor, n_visual: list[int], features: torch.Tensor) -> None:
+        self.layer_idx, self._attention, self.n_visual, self.features = layer_idx, attention, n_visual, features
+        self.n_questions = len(n_visual)
+        self.visual_valid = torch.arange(attention.shape[-1]) < torch.tensor(n_visual)[:, None]
+
+    def attention(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._attention
+
+    def visual_features(self, questions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.features[questions[:, None], index]
+
+
+@pytest.mark.parametrize("options, budget", [({"version": "v1", "scale": 2.0, "bias": 1.0}, 128), ({"version": "v1.5"}, 64)])
+def test_pruner_decisions_equal_the_per_row_hook(options, budget) -> None:
+    """Two pruning layers for five questions with different rater counts and visual counts: the
+    vectorised pruner keeps, merges and draws noise exactly as SparseVLMHook._decide does row by
+    row. v1 (k = 2 rank + 1): rank-deficient rows keep fewer tokens, a row with as many
+    independent raters as visual tokens is left unchanged (and draws nothing)."""
+    params = resolve(options, budget, LLAVA_7B)
+    params = {**params, "layers": [0, 1]}
+    seeds = [11, 12, 13, 14, 15]
+    raters = [3, 1, 4, 2, 5]
+    n_visual = [40, 40, 4, 40, 33] if options["version"] == "v1" else [120] * 5
+    g = torch.Generator().manual_seed(5)
+    pruner = SparseVLMPruner(params, None, 0, max(n_visual))
+    inputs = QuestionInputs(torch.randn(1, max(n_visual), 8, generator=g), torch.randn(1, 5, 6, 8, generator=g), torch.ones(1, 5, 6, dtype=torch.bool),
+                            torch.zeros(5, dtype=torch.long), torch.arange(5), seeds)
+    pruner.start(inputs)  # the per-question noise streams; the raters are set below
+    pruner.rater_valid = torch.arange(5) < torch.tensor(raters)[:, None]
+    pruner.rater_rows = torch.arange(5).expand(5, 5)
+    hook = SparseVLMHook(params, None, seeds, 0, max(n_visual))
+    counts = []
+    for layer_idx in (0, 1):
+        rows = [torch.rand(3, r, v, generator=g) for r, v in zip(raters, n_visual)]
+        if options["version"] == "v1":
+            rows[0][:, 1:] = rows[0][:, :1]  # rank 1: k = 3
+        features = torch.randn(5, max(n_visual), 8, generator=g)
+        selection = pruner.select(FakeView(layer_idx, padded_rows(rows), n_visual, features))
+        new_counts = []
+        for n in range(5):
+            hook._scores = lambda layer, row, *_, n=n: (visual_scores(rows[n], torch.arange(n_visual[n])), rows[n])
+            meta = TokenMeta(torch.zeros(5, 1, dtype=torch.long), torch.zeros(5, 1, dtype=torch.long))
+            decision = hook._decide(layer_idx, n, features, None, meta, None)
+            keep = list(range(n_visual[n])) if decision.keep is None else decision.keep.tolist()
+            assert selection.kept[n].nonzero()[:, 0].tolist() == keep
+            n_merged = 0 if decision.merged is None else decision.merged.shape[0]
+            assert (selection.n_extra[n] if selection.n_extra else 0) == n_merged
+            if n_merged:
+                assert torch.equal(selection.extra[n, :n_merged], decision.merged)
+            new_counts.append(len(keep) + n_merged)
+        counts.append(selection.kept.sum(1).tolist())
+        n_visual = new_counts
+    if options["version"] == "v1":
+        assert counts[0] == [3, 3, 4, 5, 11]  # k = 2 rank + 1 per row; row 2 untouched (rank 4 = nV)
+        assert counts[1][2] == 4
+    else:
+        assert counts == [[66] * 5, [30] * 5] and selection.n_extra == [2] * 5
 
 
 # ------------------------------------------------------------------ plumbing on tiny LLaVAs

@@ -2,8 +2,10 @@
 
 The reference path (`eval.fast=false`) does what LLaVA's model_vqa_loader does, one batch of questions
 at a time with nothing shared: vision tower and pruning for every question, left-padded rows, greedy
-decoding until EOS or `max_new_tokens`. The fast path reuses image-level work and the image prefix
-(prune_eval.execution.fast) and is tested against this one.
+decoding until EOS or `max_new_tokens`; pruning inside the LLM runs through the method's row-by-row
+hook (`make_hook`). The fast path reuses image-level work and the image prefix, and runs
+question-dependent pruning over all questions of a batch at once (prune_eval.execution.fast,
+prune_eval.models.blocks); it is tested against this one, which depends on none of that.
 
 Decoding may stop early once the answer is decided (`eval.stop_when_decided`): as soon as the text
 contains a '.', LLaVA's rule only reads the text before it and the exact-match rule can no longer

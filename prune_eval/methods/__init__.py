@@ -7,7 +7,12 @@ A method is a plain record of functions (no class hierarchy):
   `visual_tokens`, the number of visual tokens that enter the LLM.
 - `select(vision, params, generator)` picks/merges image-level tokens before the projector
   (vanilla, VisionZip, random); it sees the vision tower's outputs, never the question.
-- `make_hook(params, ...)` returns a `LayerHook` for pruning inside the LLM (SparseVLM).
+- `make_hook(params, ...)` returns a `LayerHook` for pruning inside the LLM (SparseVLM), used by the
+  reference path, one row per question.
+- `make_pruner(params, bundle, prefix_len, n_visual)` returns a `QuestionPruner`
+  (prune_eval.models.blocks) for the fast path: the questions of an image share everything up to
+  its first pruning layer, then each keeps its own visual tokens; decisions are tensors over all
+  questions of a batch. A question-dependent method without one runs one row per question there.
 Token selection itself lives in pure tensor functions inside each method's file, apart from this
 plumbing, so tests can check it against an independent reference.
 
@@ -25,6 +30,7 @@ from typing import Any
 
 import torch
 
+from prune_eval.models.blocks import QuestionPruner
 from prune_eval.models.llm import LayerHook
 from prune_eval.models.vision import VisionOutputs
 from prune_eval.registry import Registry
@@ -64,6 +70,7 @@ class Method:
     resolve: Callable[[dict[str, Any], int, ModelGeometry], dict[str, Any]]
     select: Callable[[VisionOutputs, dict[str, Any], torch.Generator | None], torch.Tensor] | None = None
     make_hook: Callable[..., LayerHook] | None = None
+    make_pruner: Callable[..., QuestionPruner] | None = None
     needs_cls_attention: bool = False
     needs_keys: bool = False
     uses_seed: bool = False  # its output depends on the run's seed

@@ -19,6 +19,11 @@ In short, per (image, question), in prefill only:
 Only the raters' attention rows are computed (with the layer output itself from SDPA); the scores
 are mathematically those of the official full eager matrix.
 
+Two pieces of plumbing call the same rules: SparseVLMHook, row by row, for the reference path
+(the obviously-correct baseline), and SparseVLMPruner, over all questions of a batch at once, for
+the fast path's question blocks (prune_eval.models.blocks); the batched functions are tested
+against the per-row ones.
+
 "Budget" is SparseVLM's nominal 32-layer average, not the tokens entering the LLM (all 576 do);
 every record carries the visual-token count of each layer, from which the summary derives the
 official "equal tokens" figure and the true average each layer processes.
@@ -35,7 +40,8 @@ import torch
 
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import Method, ModelGeometry, register
-from prune_eval.models.llm import KVCache, LanguageModel, LayerHook, TokenMeta
+from prune_eval.models.blocks import PruningView, QuestionInputs, VisualSelection
+from prune_eval.models.llm import KVCache, LanguageModel, LayerHook, TokenMeta, attention_probabilities, rotate_half
 
 OFFICIAL_LAYERS = 32  # LLaVA-1.5-7B (Vicuna-7B); the official code uses these absolute indices
 
@@ -91,31 +97,15 @@ def select_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return (share > share.mean()).nonzero()[:, 0]
 
 
-def rater_attention(queries: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
-    """queries (H, R, D), keys (H, S, D) post-RoPE, visible (R, S) bool -> probabilities (H, R, S).
-
-    As the official eager path: logits q k^T * scale in the model dtype, softmax (fp32 inside), back
-    to the model dtype. Rows are independent, so computing only the rater rows changes nothing.
-    """
-    logits = (queries @ keys.transpose(-1, -2)) * scaling  # (H, R, S)
-    logits = logits.float().masked_fill(~visible, float("-inf"))
-    return logits.softmax(dim=-1).to(queries.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def gravity_divisor(cos_rows: torch.Tensor, sin_rows: torch.Tensor, cos_cols: torch.Tensor, sin_cols: torch.Tensor) -> torch.Tensor:
-    """v2's divisor W (R, S): RoPE-rotated all-ones query . all-ones key / sqrt(D), in cos's dtype.
+    """v2's divisor W (..., R, S): RoPE-rotated all-ones query . all-ones key / sqrt(D), in cos's dtype.
 
     Equals (2/sqrt(D)) sum_j cos((p_r - p_c) theta_j): it depends on the distance only.
     """
     ones = torch.ones_like(cos_rows)
-    q = ones * cos_rows + rotate_half(ones) * sin_rows  # (R, D)
-    k = torch.ones_like(cos_cols) * cos_cols + rotate_half(torch.ones_like(cos_cols)) * sin_cols  # (S, D)
-    return (q @ k.T) / math.sqrt(cos_rows.shape[-1])
+    q = ones * cos_rows + rotate_half(ones) * sin_rows  # (..., R, D)
+    k = torch.ones_like(cos_cols) * cos_cols + rotate_half(torch.ones_like(cos_cols)) * sin_cols  # (..., S, D)
+    return (q @ k.transpose(-1, -2)) / math.sqrt(cos_rows.shape[-1])
 
 
 def priority_heads(attention: torch.Tensor, visual: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -177,6 +167,111 @@ def dpc_knn_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor) -> torc
     counts = torch.zeros(n_clusters, 1, dtype=x.dtype, device=x.device).index_add_(0, cluster, torch.ones(n, 1, dtype=x.dtype, device=x.device))
     weights = 1.0 / (counts + 1e-6)  # (c, 1)
     return torch.zeros(n_clusters, channels, dtype=x.dtype, device=x.device).index_add_(0, cluster, x * weights[cluster])
+
+
+# ---------------------------------------------------------------- the same, over the questions of a batch
+# Each function below equals its per-row counterpart above applied row by row (tests/test_sparsevlm.py
+# checks them against each other); rows of different lengths are padded and carry a validity mask.
+DPC_CHUNK_ELEMENTS = 2**29  # bound on the (rows, N, N, C) difference tensor of DPC-kNN distances
+
+
+def select_raters_batched(visual: torch.Tensor, text: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """visual (G, nV, d) per image, text (G, Q, T, d) its questions' text, valid (G, Q, T) -> raters (G, Q, T) bool.
+
+    select_raters for every question: softmax over the question's own text tokens of the raw dot
+    products, mean over the image's visual tokens, strictly above the mean over its text tokens.
+    """
+    g, q, t, d = text.shape
+    logits = (visual @ text.reshape(g, q * t, d).transpose(1, 2)).view(g, -1, q, t)  # (G, nV, Q, T)
+    relation = logits.float().masked_fill(~valid[:, None], float("-inf")).softmax(dim=-1).to(visual.dtype)
+    share = relation.mean(dim=1)  # (G, Q, T); padding: 0 (a question without text: NaN, never valid)
+    share = torch.where(valid, share, torch.zeros_like(share))
+    mean = (share.float().sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)).to(share.dtype)  # (G, Q)
+    return (share > mean[..., None]) & valid
+
+
+def masked_rater_mean(relation: torch.Tensor, rater_valid: torch.Tensor) -> torch.Tensor:
+    """relation (N, R, V) head-mean attention of the rater rows -> (N, V): mean over each row's raters."""
+    summed = torch.where(rater_valid[..., None], relation, torch.zeros_like(relation)).float().sum(dim=1)
+    return (summed / rater_valid.sum(dim=1, keepdim=True)).to(relation.dtype)
+
+
+def priority_heads_batched(attention: torch.Tensor, rater_valid: torch.Tensor, visual_valid: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """attention (N, H, R, V) -> (N, n_heads): per row, the heads with most rater->visual mass (priority_heads)."""
+    valid = (rater_valid[:, :, None] & visual_valid[:, None, :])[:, None]  # (N, 1, R, V)
+    mass = torch.where(valid, attention, torch.zeros_like(attention)).sum(dim=(2, 3))  # (N, H)
+    return mass.topk(n_heads).indices
+
+
+def ranks_batched(relation: torch.Tensor, rater_valid: torch.Tensor, visual_valid: torch.Tensor) -> torch.Tensor:
+    """v1's matrix_rank(P.float()) per row: relation (N, R, V) with padded rows/columns -> (N,) long.
+
+    Padding is zeroed, which changes no singular value but the matrix shape; the tolerance is
+    therefore passed explicitly as torch's default for each row's own shape: eps * max(R_n, V_n)
+    times the largest singular value.
+    """
+    valid = rater_valid[:, :, None] & visual_valid[:, None, :]
+    matrix = torch.where(valid, relation, torch.zeros_like(relation)).float()
+    sizes = torch.maximum(rater_valid.sum(dim=1), visual_valid.sum(dim=1)).float()
+    return torch.linalg.matrix_rank(matrix, rtol=torch.finfo(torch.float32).eps * sizes)
+
+
+def top_k_kept(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (n, nV) -> (n, nV) bool: each row's k best (top_k_keep for rows of equal length and k)."""
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+
+
+def recycling_candidates_batched(scores: torch.Tensor, kept: torch.Tensor, n_kept: int) -> tuple[torch.Tensor, int]:
+    """recycling_candidates for rows of equal length that all keep n_kept: (n, nV) -> ((n, n_rec), clusters)."""
+    n_deleted = scores.shape[1] - n_kept
+    deleted = torch.argsort(kept.to(torch.uint8), dim=1, stable=True)[:, :n_deleted]  # ascending positions
+    n_recycled = int(n_deleted * 0.3) + 1
+    best = scores.gather(1, deleted).topk(n_recycled, dim=1).indices
+    return deleted.gather(1, best), int(n_recycled / 10) + 1
+
+
+def dpc_knn_merge_batched(x: torch.Tensor, n_clusters: int, noise: torch.Tensor) -> torch.Tensor:
+    """dpc_knn_merge of every row: x (B, N, C), noise (B, N) -> (B, n_clusters, C).
+
+    The pairwise difference tensor (rows, N, N, C) is formed as in the official code (no matmul
+    expansion, which would change the distances' rounding); rows are processed in chunks that keep
+    it below DPC_CHUNK_ELEMENTS elements.
+    """
+    b, n, channels = x.shape
+    out = x.new_empty(b, n_clusters, channels)
+    step = max(1, DPC_CHUNK_ELEMENTS // max(n * n * channels, 1))
+    for start in range(0, b, step):
+        out[start : start + step] = _dpc_knn_chunk(x[start : start + step], n_clusters, noise[start : start + step])
+    return out
+
+
+def _dpc_knn_chunk(x: torch.Tensor, n_clusters: int, noise: torch.Tensor) -> torch.Tensor:
+    b, n, channels = x.shape
+    distance = (x[:, :, None, :] - x[:, None, :, :]).norm(dim=-1) / channels**0.5  # (B, N, N)
+    nearest = distance.topk(n_clusters, dim=-1, largest=False).values  # (B, N, k)
+    density = (-(nearest**2).mean(dim=-1)).exp() + noise  # (B, N)
+    denser = (density[:, None, :] > density[:, :, None]).to(x.dtype)  # (B, N, N): j denser than i
+    delta = (distance * denser + distance.amax(dim=(1, 2), keepdim=True) * (1 - denser)).min(dim=-1).values
+    centres = (delta * density).topk(n_clusters, dim=-1).indices  # (B, c)
+    cluster = distance.gather(1, centres[:, :, None].expand(b, n_clusters, n)).argmin(dim=1)  # (B, N)
+    cluster.scatter_(1, centres, torch.arange(n_clusters, device=x.device).expand(b, n_clusters))
+    flat = (torch.arange(b, device=x.device)[:, None] * n_clusters + cluster).reshape(-1)  # (B*N,) row-major
+    counts = torch.zeros(b * n_clusters, 1, dtype=x.dtype, device=x.device).index_add_(0, flat, torch.ones(b * n, 1, dtype=x.dtype, device=x.device))
+    weights = 1.0 / (counts + 1e-6)  # (B*c, 1)
+    merged = torch.zeros(b * n_clusters, channels, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(b * n, channels) * weights[flat])
+    return merged.view(b, n_clusters, channels)
+
+
+def noise_stream(seeds: Sequence[int], length: int) -> torch.Tensor:
+    """(N, length) float32: for each row, its generator's first `length` draws of torch.rand * 1e-6.
+
+    The per-row hook draws `torch.rand(n_rec, generator)` at each recycling layer; a CPU generator
+    fills uniforms one after the other, so consecutive draws are consecutive slices of this stream
+    (tests/test_sparsevlm.py checks that on the installed torch).
+    """
+    if not seeds:
+        return torch.zeros(0, length)
+    return torch.stack([torch.rand(length, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) * 1e-6
 
 
 # ---------------------------------------------------------------- configuration
@@ -277,7 +372,7 @@ class SparseVLMHook(LayerHook):
             if not self.replaying:
                 self.raters = [self._raters(hidden, meta, row) for row in range(hidden.shape[0])]
         if layer_idx in self.layers and not self.replaying:
-            self.layer_input = self.lm.layers[layer_idx].input_layernorm(hidden)
+            self.layer_input = hidden
 
     def _raters(self, hidden: torch.Tensor, meta: TokenMeta, row: int) -> torch.Tensor:
         start = self._start(meta, row)
@@ -289,21 +384,16 @@ class SparseVLMHook(LayerHook):
         return raters
 
     def _scores(self, layer_idx: int, row: int, positions: torch.Tensor, meta: TokenMeta, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visual scores (nV,) of a row at a pruning layer, and the raters' head-mean attention."""
-        attention_module = self.lm.layers[layer_idx].self_attn
+        """Visual scores (nV,) of a row at a pruning layer, and the raters' attention (H, R, S)."""
         start, n_visual = self._start(meta, row), self.n_visual[row]
         rows = start + n_visual + self.raters[row]  # absolute rater indices
-        x = self.layer_input[row, rows]  # (R, d)
-        head_dim = attention_module.head_dim
-        queries = attention_module.q_proj(x).view(rows.shape[0], -1, head_dim).transpose(0, 1)  # (H, R, D)
-        cos, sin = self.lm.rotary_emb(x, positions[row : row + 1, rows])  # (1, R, D)
-        queries = queries * cos + rotate_half(queries) * sin
-        keys = cache.key_states(layer_idx)[row]  # (Hkv, S, D), post-RoPE
-        keys = keys.repeat_interleave(queries.shape[0] // keys.shape[0], dim=0)  # (H, S, D)
         visible = (meta.slot[row][None, :] <= meta.slot[row][rows][:, None]) & (meta.segment[row][None, :] >= 0)
-        attention = rater_attention(queries, keys, visible, attention_module.scaling)  # (H, R, S)
-        visual = torch.arange(start, start + n_visual, device=x.device)
+        attention = attention_probabilities(self.lm, layer_idx, self.layer_input[row : row + 1, rows], positions[row : row + 1, rows],
+                                            cache.key_states(layer_idx)[row : row + 1], visible[None])[0]  # (H, R, S)
+        visual = torch.arange(start, start + n_visual, device=attention.device)
         if self.version.gravity:
+            x = self.layer_input[row : row + 1]
+            cos, sin = self.lm.rotary_emb(x, positions[row : row + 1, rows])
             cos_all, sin_all = self.lm.rotary_emb(x, positions[row : row + 1])
             attention = attention / gravity_divisor(cos[0], sin[0], cos_all[0], sin_all[0])
             attention = attention[priority_heads(attention, visual, self.params["priority_heads"])]
@@ -339,6 +429,18 @@ class SparseVLMHook(LayerHook):
             return None
         return self._rebuild(layer_idx, hidden, positions, meta, cache, decisions)
 
+    def kept_sets(self) -> list[dict[int, tuple[list[int], int]]]:
+        """Per row: pruning layer -> (kept visual tokens, as indices into that layer's visual tokens,
+        and the number of merged tokens placed after them); a layer that left the row unchanged
+        (v1, full rank) keeps all. The format of QuestionBlocks.kept_sets, for the tests."""
+        out: list[dict[int, tuple[list[int], int]]] = []
+        for row, decisions in enumerate(self.decisions):
+            out.append({})
+            for layer_idx, decision in decisions.items():
+                keep = list(range(self.visual_per_layer[row][layer_idx])) if decision.keep is None else decision.keep.tolist()
+                out[row][layer_idx] = (keep, 0 if decision.merged is None else decision.merged.shape[0])
+        return out
+
     def _rebuild(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, meta: TokenMeta, cache: KVCache, decisions: list[RowDecision]):
         """[pad | prefix | kept visual | merged | text] per row, left-padded to a common width."""
         rows, row_positions, row_segments = [], [], []
@@ -373,6 +475,105 @@ class SparseVLMHook(LayerHook):
         return new_hidden, new_positions, TokenMeta(slot, segment)
 
 
+class SparseVLMPruner:
+    """SparseVLM in the fast path's question blocks (prune_eval.models.blocks): the decisions of
+    SparseVLMHook, for all questions of a batch at once.
+
+    Raters come from the input embeddings of each question and its image. At each pruning layer the
+    raters' attention over the question's visual tokens gives the scores (v2: gravity-corrected,
+    priority heads), top-k keeps (v1: k from each question's rank), and recycling merges the best
+    deleted tokens (DPC-kNN, noise from each question's own generator, drawn as the per-row hook
+    draws it). Questions with equal (visual count, k) are processed as one tensor: all of them for
+    v1.5 and v2, whose counts do not depend on the question; v1 forms one group per distinct count.
+    """
+
+    def __init__(self, params: dict[str, Any], lm: LanguageModel, prefix_len: int, n_visual: int) -> None:
+        self.params, self.lm = params, lm
+        self.version = VERSIONS[params["version"]]
+        self.layers: tuple[int, ...] = tuple(params["layers"])
+        self.compact_positions = self.version.compact_positions
+        self.n_image_visual = n_visual
+        self.max_visual = n_visual if self.version.rank_rule else kept_after(params["schedule"][0], n_visual, self.version.recycling)
+        self.rater_rows: torch.Tensor | None = None  # (N, R) indices into each question's text
+        self.rater_valid: torch.Tensor | None = None  # (N, R)
+        self.noise: torch.Tensor | None = None  # (N, draws) in the model dtype
+        self.noise_used: torch.Tensor | None = None  # (N,) CPU: draws consumed so far
+
+    def start(self, inputs: QuestionInputs) -> None:
+        raters = select_raters_batched(inputs.visual, inputs.text, inputs.text_valid)[inputs.image, inputs.slot]  # (N, T)
+        counts = raters.sum(dim=1)
+        fewest, n_raters = torch.stack([counts.min(), counts.max()]).tolist()  # one sync per batch
+        if fewest == 0:
+            raise PruneEvalError("SparseVLM found no rater among the text tokens after the image; it needs text (the question) after the image")
+        self.rater_rows = torch.argsort((~raters).to(torch.uint8), dim=1, stable=True)[:, :n_raters]  # ascending
+        self.rater_valid = torch.arange(n_raters, device=raters.device) < counts[:, None]
+        if self.version.recycling:  # at most int(0.3 * nV) + 1 draws per pruning layer (nV never grows)
+            stream = noise_stream(inputs.seeds, len(self.layers) * (int(self.n_image_visual * 0.3) + 1))
+            self.noise = stream.to(inputs.visual.dtype).to(inputs.visual.device)
+            self.noise_used = torch.zeros(len(inputs.seeds), dtype=torch.long)
+
+    def select(self, view: PruningView) -> VisualSelection:
+        step = self.layers.index(view.layer_idx)
+        attention = view.attention(self.rater_rows)  # (N, H, R, V)
+        rater_valid, visual_valid = self.rater_valid, view.visual_valid
+        if self.version.gravity:
+            x = attention.new_empty(0)
+            cos_rows, sin_rows = self.lm.rotary_emb(x, view.text_positions(self.rater_rows))  # (N, R, D)
+            cos_cols, sin_cols = self.lm.rotary_emb(x, view.visual_positions())  # (N, V, D)
+            attention = attention / gravity_divisor(cos_rows, sin_rows, cos_cols, sin_cols)[:, None]
+            heads = priority_heads_batched(attention, rater_valid, visual_valid, self.params["priority_heads"])
+            attention = attention.gather(1, heads[:, :, None, None].expand(-1, -1, *attention.shape[2:]))
+        relation = attention.mean(dim=1)  # (N, R, V)
+        scores = masked_rater_mean(relation, rater_valid)  # (N, V)
+        n_visual = torch.tensor(view.n_visual)
+        if self.version.rank_rule:
+            rank = ranks_batched(relation, rater_valid, visual_valid).cpu()  # one sync
+            k = torch.minimum((rank.double() * self.params["scale"] + self.params["bias"]).trunc().long(), n_visual - 1).clamp(min=0)
+            k = torch.where(rank == n_visual, n_visual, k)  # full rank: this layer leaves the question unchanged
+        else:
+            k = torch.clamp(n_visual - 1, max=self.params["schedule"][step])
+        kept = torch.zeros_like(scores, dtype=torch.bool)
+        groups, group_of = torch.unique(torch.stack([n_visual, k], dim=1), dim=0, return_inverse=True)  # CPU, no sync
+        merged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for index, (count, keep) in enumerate(groups.tolist()):
+            members_cpu = (group_of == index).nonzero()[:, 0]
+            members = members_cpu.to(scores.device)
+            if keep == count:  # unchanged (v1, full rank): no recycling, no draw
+                kept[members, :count] = True
+                continue
+            group_scores = scores[members, :count]
+            group_kept = top_k_kept(group_scores, keep)
+            kept[members, :count] = group_kept
+            if self.version.recycling:
+                candidates, n_clusters = recycling_candidates_batched(group_scores, group_kept, keep)
+                merged.append((members_cpu, dpc_knn_merge_batched(view.visual_features(members, candidates), n_clusters,
+                                                              self._draw(members_cpu, candidates.shape[1]))))
+        if not merged:
+            return VisualSelection(kept)
+        n_extra = torch.zeros(view.n_questions, dtype=torch.long)
+        extra = scores.new_zeros(view.n_questions, max(m.shape[1] for _, m in merged), merged[0][1].shape[-1])
+        for members, tokens in merged:
+            extra[members.to(extra.device), : tokens.shape[1]] = tokens
+            n_extra[members] = tokens.shape[1]
+        return VisualSelection(kept, extra, n_extra.tolist())
+
+    def _draw(self, members: torch.Tensor, n: int) -> torch.Tensor:
+        """(len(members), n): the next n noise draws of each of these questions' generators."""
+        columns = self.noise_used[members][:, None] + torch.arange(n)
+        self.noise_used[members] += n
+        return self.noise[members.to(self.noise.device)[:, None], columns.to(self.noise.device)]
+
+
+def kept_after(k: int, n_visual: int, recycling: bool) -> int:
+    """Visual tokens after a fixed-k pruning of n_visual: k, plus the merged clusters if recycling."""
+    k = min(k, n_visual - 1)
+    return k + (int((int((n_visual - k) * 0.3) + 1) / 10) + 1 if recycling else 0)
+
+
+def make_pruner(params: dict[str, Any], bundle, prefix_len: int, n_visual: int) -> SparseVLMPruner:
+    return SparseVLMPruner(params, bundle.lm, prefix_len, n_visual)
+
+
 def make_hook(params: dict[str, Any], bundle, seeds: Sequence[int], prefix_len: int, n_visual: int) -> SparseVLMHook:
     return SparseVLMHook(params, bundle.lm, seeds, prefix_len, n_visual)
 
@@ -384,6 +585,7 @@ SPARSEVLM = register(
         resolve=resolve,
         select=lambda vision, params, seeds: vision.hidden[:, 1:],
         make_hook=make_hook,
+        make_pruner=make_pruner,
         uses_seed=True,  # v1/v1.5's DPC-kNN density noise; v2 draws nothing
         text_dependent=True,
     )

@@ -92,11 +92,15 @@ class KVCache:
         buffer[0][..., start : start + new, :] = key
         buffer[1][..., start : start + new, :] = value
         self.length[layer_idx] = start + new
-        return self.key_states(layer_idx), buffer[1][..., : start + new, :]
+        return self.key_states(layer_idx), self.value_states(layer_idx)
 
     def key_states(self, layer_idx: int) -> torch.Tensor:
         """(B, H_kv, L, D) post-RoPE keys of a layer."""
         return self.buffers[layer_idx][0][..., : self.length[layer_idx], :]
+
+    def value_states(self, layer_idx: int) -> torch.Tensor:
+        """(B, H_kv, L, D) values of a layer."""
+        return self.buffers[layer_idx][1][..., : self.length[layer_idx], :]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length[layer_idx]
@@ -166,17 +170,39 @@ def run_layers(
     Returns the normed last hidden states (B, Q', D) and the meta of the tokens that came out (Q' < Q
     when a hook pruned during prefill).
     """
+    hidden, _, meta = forward_layers(lm, hidden, positions, meta, cache, decoding=decoding, hook=hook)
+    return lm.norm(hidden), meta
+
+
+def forward_layers(
+    lm: LanguageModel,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    meta: TokenMeta,
+    cache: KVCache,
+    *,
+    decoding: bool,
+    hook: LayerHook | None = None,
+    layers: range | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, TokenMeta]:
+    """hidden (B, Q, D) through `layers` (default: all), appending to their caches; no final norm.
+
+    Returns the raw hidden states after the last of `layers`, with their positions and meta (changed
+    when a hook pruned). Running a range lets a caller stop after one layer and continue later,
+    e.g. the fast path prefills an image's tokens up to the first pruning layer only.
+    """
     masks: dict[tuple[int, int], torch.Tensor] = {}
     rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    appended: dict[int, TokenMeta] = {}
-    for layer_idx, layer in enumerate(lm.layers):
+    appended: dict[tuple[int, int], TokenMeta] = {}
+    for layer_idx in layers if layers is not None else range(lm.n_layers):
+        layer = lm.layers[layer_idx]
         previous = cache.meta[layer_idx]
         if previous is None:
             keys_meta = meta
         else:
-            if id(previous) not in appended:
-                appended[id(previous)] = previous.cat(meta)
-            keys_meta = appended[id(previous)]
+            if (id(previous), id(meta)) not in appended:  # layers holding the same tokens share one TokenMeta
+                appended[(id(previous), id(meta))] = previous.cat(meta)
+            keys_meta = appended[(id(previous), id(meta))]
         cache.meta[layer_idx] = keys_meta
         if (id(keys_meta), id(meta)) not in masks:
             plain = keys_meta is meta and bool((meta.segment == meta.segment[:, :1]).all()) and bool((meta.segment >= 0).all())
@@ -201,7 +227,44 @@ def run_layers(
             if changed is not None:
                 hidden, positions, meta = changed
                 rotary.clear()
-    return lm.norm(hidden), meta
+    return hidden, positions, meta
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Llama's RoPE helper: (x1, x2) -> (-x2, x1) over the last dimension's halves."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def attention_probabilities(
+    lm: LanguageModel, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """A layer's post-softmax attention for chosen query tokens: (B, H, Q, K) in the model dtype.
+
+    hidden (B, Q, D): the layer's INPUT hidden states of the query tokens (before input_layernorm);
+    positions (B, Q) their RoPE positions; keys (B, H_kv, K, D_h) the layer's post-RoPE cached keys;
+    visible (B, Q, K) bool. Softmax rows are independent, so computing only the rows a method needs
+    gives the probabilities of the full L x L matrix, while the layer's own output comes from SDPA.
+    """
+    attention = lm.layers[layer_idx].self_attn
+    x = lm.layers[layer_idx].input_layernorm(hidden)
+    queries = attention.q_proj(x).view(*x.shape[:2], -1, attention.head_dim).transpose(1, 2)  # (B, H, Q, Dh)
+    cos, sin = lm.rotary_emb(x, positions)  # (B, Q, Dh)
+    queries = queries * cos[:, None] + rotate_half(queries) * sin[:, None]
+    if keys.shape[1] != queries.shape[1]:  # grouped-query attention
+        keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
+    return eager_probabilities(queries, keys, visible[:, None], attention.scaling)
+
+
+def eager_probabilities(queries: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
+    """queries (..., Q, D), keys (..., K, D), visible (..., Q, K) bool (broadcast) -> (..., Q, K).
+
+    The eager recipe of SparseVLM's official code (docs/sparsevlm-official.md §3.1): logits
+    q k^T * scaling in the model dtype, softmax in fp32 over the visible keys, back to the model dtype.
+    """
+    logits = (queries @ keys.transpose(-1, -2)) * scaling
+    logits = logits.float().masked_fill(~visible, float("-inf"))
+    return logits.softmax(dim=-1).to(queries.dtype)
 
 
 @contextmanager
