@@ -255,8 +255,9 @@ def check_logits(bundle, questions, n_images: int) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    commit = commit or os.environ.get("PRUNE_EVAL_COMMIT")  # the device machine's copy has no .git
+    # the device machine's copy of the tree may carry a stale .git: an explicit commit wins
+    commit = os.environ.get("PRUNE_EVAL_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     import transformers
 
     return {
