@@ -43,6 +43,7 @@ class Source:
     arxiv: str
     via: str  # where the numbers were read: a project fact sheet or an official page (with its commit)
     note: str = ""
+    short: str = ""  # for sentences: "VisionZip Table 1"
 
     def citation(self) -> str:
         return f"{self.paper}, {self.table} (arXiv:{self.arxiv}; read from {self.via})"
@@ -66,16 +67,16 @@ SOURCES = {
         Source("visionzip-t1", "Yang et al., VisionZip (CVPR 2025)", "Table 1 (LLaVA-1.5-7B)", "2412.04467",
                "notes/visionzip.md",
                "VisionZip issue #22: some baseline rows were copied from the SparseVLM paper; the 192-token "
-               "VisionZip value appears as 85.2 in some copies"),
+               "VisionZip value appears as 85.2 in some copies", "VisionZip Table 1"),
         Source("sparsevlm-v1-t1", "Zhang et al., SparseVLM (arXiv v1, 2024-10)", "Table 1 (LLaVA-1.5-7B)", "2410.04417",
                "the official project page leofan90/SparseVLMs.github.io, index.html at commit 4776f93 (2024-10-13)",
                "the FastV rows are disputed in Gumpest/SparseVLMs issue #12 (FastV's official code scored much higher at "
                "a comparable token count); the table does not say what 64/128/192 tokens mean for FastV (tokens kept "
-               "after layer K, or an average over the 32 layers)"),
+               "after layer K, or an average over the 32 layers)", "SparseVLM v1 Table 1"),
         Source("sparsevlm-v1.5-t1", "Zhang et al., SparseVLM (ICML 2025)", "Table 1 (arXiv v4)", "2410.04417",
-               "notes/sparsevlm.md"),
+               "notes/sparsevlm.md", short="SparseVLM ICML Table 1"),
         Source("sparsevlm-v1.5-t4", "Zhang et al., SparseVLM (ICML 2025)", "Table 4 (token recycling ablation)",
-               "2410.04417", "notes/sparsevlm.md"),
+               "2410.04417", "notes/sparsevlm.md", short="SparseVLM ICML Table 4"),
     )
 }
 

@@ -85,11 +85,12 @@ class Reconciliation:
     setup_effects: tuple  # (axis, effect points) in the walk
     floor: Floor | None
     floor_command: str
-    convention_spread: float
-    convention_text: str
+    convention_shift: float  # points: the largest move of the gap under another convention
+    convention_text: str  # ... under which convention
     version_label: str = "algorithm version"
     version_notes: tuple = ()  # "the published 75.1 is SparseVLM v1's; v1.5, which was run, publishes 77.5"
     unmeasured: tuple = ()  # (axis, how to measure it)
+    reprinted: tuple = ()  # (convention, gap, A, B) in points: pooled accuracy and pooled F1 under LLaVA's rule
     tolerance: float = ROUND  # points: a published gap is a difference of two values rounded to 0.1
     conclusion: str = ""
 
@@ -321,11 +322,53 @@ def budget_step(c: Comparison, configs: Sequence[Config], stats_by_id: dict) -> 
 
 # ----------------------------------------------------------------------------------------------
 # The whole reconciliation of one comparison
+def short(entry: published.Published) -> str:
+    source = published.SOURCES[entry.source]
+    return source.short or f"{source.paper}, {source.table}"
+
+
+def _same_except_version(x: Config, y: Config, version: str | None) -> bool:
+    """y is x with the method's algorithm version set to `version` (same method, budget, setup)."""
+    if x.info["ingested"] != y.info["ingested"] or y.info["method"] != x.info["method"] or y.info["version"] != version:
+        return False
+    if y.info["budget"] != x.info["budget"]:
+        return False
+    if x.info["ingested"]:
+        cx, cy = coarse_factors(x.info), coarse_factors(y.info)
+        return all(cx[k] == cy[k] for k in cx if k != "method")
+    keys = set(x.factors) | set(y.factors)
+    return all(x.factors.get(k) == y.factors.get(k) for k in keys if k != "method") and x.once == y.once
+
+
+def measured_version_effect(c: Comparison, configs: Sequence[Config], printed, *, n_resamples: int, seed: int) -> str:
+    """'; measured here: ...' when the published table's version was also run in the same setup."""
+    out = []
+    for side, entry in ((c.pair.a, printed[0]), (c.pair.b, printed[1])):
+        version = published.normalize_version(entry.version)
+        if version == side.info["version"]:
+            continue
+        other = next((x for x in configs if _same_except_version(side, x, version)), None)
+        if other is None:
+            continue
+        ours, theirs, _ = choose_cells(side, other)
+        if ours.fingerprint != theirs.fingerprint or len(ours.clusters) < 2:
+            continue
+        boot = stats.paired_cluster_bootstrap(ours.counts["llava"], theirs.counts["llava"], metric=metrics.mean_f1,
+                                              n_resamples=min(n_resamples, CONVENTION_RESAMPLES), rng=seed)
+        sign = 1 if side is c.pair.a else -1
+        low, high = sorted((sign * p(boot.confidence_interval.low), sign * p(boot.confidence_interval.high)))
+        out.append(f"measured here: {side.label} minus {other.label} = {sgn(p(boot.estimate))} [95% CI "
+                   f"{sgn(p(boot.confidence_interval.low))} to {sgn(p(boot.confidence_interval.high))}], so running the "
+                   f"table's version instead would move the gap by {sgn(-sign * p(boot.estimate))} [95% CI {sgn(-high)} to {sgn(-low)}]")
+    return "".join(f"; {text}" for text in out)
+
+
 def version_text(method: str, entry: published.Published | None, run_version: str | None) -> str:
     name = display(method)
     if entry is None:
         return f"{name} {run_version or ''}".strip() + ": no published number"
-    return f"{published.label(entry).replace(method, name, 1)} {entry.value:.1f} ({published.SOURCES[entry.source].paper}, {published.SOURCES[entry.source].table})"
+    version = f" {entry.version}" if entry.version else ""
+    return f"{name}{version} {entry.value:.1f} ({short(entry)})"
 
 
 def reconcile(number: int, c: Comparison, configs: Sequence[Config], stats_by_id: dict[str, ConfigStats],
@@ -350,8 +393,9 @@ def reconcile(number: int, c: Comparison, configs: Sequence[Config], stats_by_id
     steps = []
     if printed:
         ea, eb = printed
-        published_text = (f"{version_text(ia['method'], ea, None)} vs {version_text(ib['method'], eb, None)}: "
-                          f"{sgn(published_gap)}")
+        va_text = f"{display(ia['method'])}{' ' + ea.version if ea.version else ''} {ea.value:.1f}"
+        vb_text = f"{display(ib['method'])}{' ' + eb.version if eb.version else ''} {eb.value:.1f}"
+        published_text = f"{short(ea)} prints {va_text} vs {vb_text}, a gap of {sgn(published_gap)}"
         steps.append(Step("published gap", published_text, "—", published_gap, "as printed in one table"))
     else:
         published_text = "no table prints both methods at this budget"
@@ -366,8 +410,7 @@ def reconcile(number: int, c: Comparison, configs: Sequence[Config], stats_by_id
             was = f"{name} {entry.version}'s" if entry.version else f"{name}'s (no version named)"
             ran = f"{info['version'] or 'the version run'}, which was run,"
             notes.append(f"the published {entry.value:.1f} is {was}; {ran} "
-                         + (f"publishes {now.value:.1f} ({published.SOURCES[now.source].paper}, {published.SOURCES[now.source].table})"
-                            if now else "has no published number"))
+                         + (f"publishes {now.value:.1f} ({short(now)})" if now else "has no published number"))
     same_versions = bool(printed) and not changed
     effect = round(versions_gap - published_gap, 2) if printed and versions_gap is not None and changed else None
     if va and vb:
@@ -383,10 +426,14 @@ def reconcile(number: int, c: Comparison, configs: Sequence[Config], stats_by_id
     else:
         evidence = f"published for the versions run: {versions_text}"
     table_versions = " vs ".join(f"{display(e.method)} {e.version or '(one version)'}" for e in printed) if printed else "—"
-    steps.append(Step("version", table_versions, run, 0.0 if same_versions else effect, evidence, walk=effect is not None))
+    if printed and changed:
+        evidence += measured_version_effect(c, configs, printed, n_resamples=n_resamples, seed=seed)
+    steps.append(Step("version", table_versions, run, effect, evidence, walk=effect is not None))
     steps.append(budget_step(c, configs, stats_by_id))
     primary = c.conventions[0].estimate
     spread, spread_text = 0.0, ""
+    reprinted = tuple((g.label.split(" (")[0], p(g.estimate), p(g.value_a), p(g.value_b)) for g in c.conventions
+                      if g.key in ("pooled_accuracy/llava", "pooled_f1/llava"))
     for g in c.conventions:
         if "subset" in g.key or g.data != c.conventions[0].data:
             continue
@@ -413,8 +460,8 @@ def reconcile(number: int, c: Comparison, configs: Sequence[Config], stats_by_id
         unmeasured.append(("numerical floor", f"rerun with {command}"))
     return Reconciliation(number, pair.a.label, pair.b.label, published_gap, published_text, versions_gap, versions_text,
                           effect, measured, low, high, 100 * c.mde, c.mde_level, tuple(steps), tuple(setup_walk), floor,
-                          command, abs(spread), spread_text, " and ".join(changed) + " version" if changed else "algorithm version",
-                          tuple(notes), tuple(unmeasured))
+                          command, spread, spread_text, " and ".join(changed) + " version" if changed else "algorithm version",
+                          tuple(notes), tuple(unmeasured), reprinted)
 
 
 def reconciliations(comparisons: Sequence[Comparison], configs: Sequence[Config], stats_by_id: dict, *,

@@ -169,7 +169,9 @@ def _reconciliation_blocks(a: Analysis, figure_names) -> list[Block]:
                   "ingested answer files are matched when ingested with --model, --method (--version) and --budget.")]
     blocks = [h(2, "Reconciliation with the published numbers")]
     for r in a.reconciliations:
-        blocks += [h(3, f"#{r.number} {r.a} vs {r.b}"), p(r.conclusion, css="lead"),
+        start = "" if r.published_gap is None else f"published {pts_exact(r.published_gap / 100, True)} → "
+        blocks += [h(3, f"#{r.number} {r.a} vs {r.b}: {start}measured {pts_exact(r.measured / 100, True)} points"),
+                   p(r.conclusion, css="lead"),
                    table(("axis", "published", "measured here", "effect on the gap (points)", "evidence"),
                          [(s.axis, s.published, s.measured, "" if s.effect is None else pts_exact(s.effect / 100, True), s.evidence)
                           for s in r.steps])]

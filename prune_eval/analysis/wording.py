@@ -30,12 +30,15 @@ def pts(x: float, sign: bool = False) -> str:
 
 
 def pts_exact(x: float, sign: bool = False) -> str:
-    """Like `pts`, but a value that is not 0 keeps two significant digits instead of printing 0.00."""
+    """Like `pts`, but a value that is not 0 never prints as 0.00: three decimals, or '<0.001'."""
     value = 100 * x
     if is_zero(x) or abs(value) >= 0.005:
         return pts(0.0 if is_zero(x) else x, sign)
-    digits = 1 - int(math.floor(math.log10(abs(value))))
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+    if abs(value) >= 0.0005:
+        return f"{value:+.3f}" if sign else f"{value:.3f}"
+    if sign:
+        return "+<0.001" if value > 0 else "-<0.001"
+    return "<0.001" if value > 0 else ">-0.001"
 
 
 def fmt_p(p: float) -> str:
@@ -235,19 +238,28 @@ def explanations(r) -> list[tuple[str, float, str]]:
     for axis, effect in r.setup_effects:
         items.append((f"setup, {axis}", effect, "measured here: our setting vs the paper's"))
     if r.residual is not None:
-        where = "the published gap for the versions run" if r.versions_gap is not None else "the published gap"
+        where = "the published gap for the versions run" if r.version_effect else "the published gap"
         within = _inside(r.start, r.low, r.high, r.tolerance)
         items.append(("remaining discrepancy", r.residual,
                       f"measured minus {where}" + (" and the setup effects above" if r.setup_effects else "") + "; "
-                      + (f"within sampling noise ({where} {_pt(r.start)} lies inside the measured 95% CI)" if within else
-                         f"beyond sampling noise ({where} {_pt(r.start)} lies outside the measured 95% CI): implementation "
-                         "or setup differences not measured here")))
+                      + ("within sampling noise (inside the measured 95% CI)" if within else
+                         "beyond sampling noise (outside the measured 95% CI): implementation or setup differences not "
+                         "measured here")))
     if r.floor is not None:
         items.append(("numerical floor", r.floor.points, f"the largest change numerics alone made here ({r.floor.answers} answers at most)"))
-    if r.convention_text:
-        items.append(("metric convention", r.convention_spread,
-                      f"the most the gap moves under another convention ({r.convention_text}); the measured gap uses the papers' convention"))
     return sorted(items, key=lambda item: -abs(item[1]))
+
+
+def conventions_sentence(r) -> str:
+    """How the same measured gap reads under the conventions re-implementations print."""
+    if not r.reprinted:
+        return ""
+    text = "Under the conventions re-implementations usually print, the measured gap reads: " + "; ".join(
+        f"{label} {va:.2f} vs {vb:.2f}, gap {_pt(gap)}" for label, gap, va, vb in r.reprinted) + "."
+    if r.convention_text and not any(r.convention_text.startswith(label) for label, *_ in r.reprinted):
+        text += (f" The largest departure from the papers' convention is under {r.convention_text} "
+                 f"({_pt(r.convention_shift)} points).")
+    return text
 
 
 def conclusion(r) -> str:
@@ -255,10 +267,10 @@ def conclusion(r) -> str:
     ci = f"[95% CI {_pt(r.low)} to {_pt(r.high)}]"
     parts = []
     if r.published_gap is not None:
-        parts.append(f"Published: {r.published_text}. Measured: {_pt(r.measured)} points {ci}.")
+        parts.append(f"{r.published_text}; measured here: {_pt(r.measured)} points {ci}.")
     else:
-        parts.append(f"No table prints both methods at this budget; published for the versions run: {r.versions_text}. "
-                     f"Measured: {_pt(r.measured)} points {ci}.")
+        parts.append(f"No table prints both methods at this budget; published for the versions run: {r.versions_text}; "
+                     f"measured here: {_pt(r.measured)} points {ci}.")
     reference = r.published_gap if r.published_gap is not None else r.versions_gap
     ranked = explanations(r)
     if reference is not None and not is_zero(reference) and not is_zero(r.measured) and (reference > 0) != (r.measured > 0):
@@ -274,7 +286,7 @@ def conclusion(r) -> str:
         parts.append(text)
     if ranked:
         parts.append("Explanations ranked by measured size: " + "; ".join(
-            f"({k}) {name}: {_pt(size) if name != 'numerical floor' and name != 'metric convention' else f'{abs(size):.2f}'} points — {why}"
+            f"({k}) {name}: {_pt(size) if name != 'numerical floor' else f'up to {abs(size):.2f}'} points — {why}"
             for k, (name, size, why) in enumerate(ranked, start=1)) + ".")
     if r.published_gap is not None:
         where = "inside" if _inside(r.published_gap, r.low, r.high, r.tolerance) else "outside"
@@ -282,6 +294,7 @@ def conclusion(r) -> str:
                      + (f"; the published {_pt(r.versions_gap)} for the versions run lies "
                         f"{'inside' if _inside(r.versions_gap, r.low, r.high, r.tolerance) else 'outside'} it."
                         if r.versions_gap is not None and r.version_effect else "."))
+    parts.append(conventions_sentence(r))
     if r.unmeasured:
         parts.append("Not measured: " + "; ".join(f"{axis} ({how})" for axis, how in r.unmeasured) + ".")
-    return " ".join(parts)
+    return " ".join(filter(None, parts))
