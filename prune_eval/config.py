@@ -271,7 +271,7 @@ def numerics_identity(eval_cfg) -> dict[str, Any]:
     fast = eval_cfg.get("fast", False)
     identity: dict[str, Any] = {"fast": fast, "compile": bool(eval_cfg.get("compile", False))}
     if fast is not True:
-        identity["batch_size"] = int(eval_cfg.batch_size)
+        identity["batch_size"] = int(eval_cfg.get("batch_size", 8))
     if fast is not False:
         identity.update(batch_images=int(eval_cfg.get("batch_images", 64)), batch_tokens=int(eval_cfg.get("batch_tokens", 32768)))
     return identity
