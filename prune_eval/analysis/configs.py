@@ -263,16 +263,12 @@ def _factor_text(key: str, value) -> str:
 
 
 def numerics_text(numerics: dict | None) -> str:
-    """{'fast': True, 'batch_images': 64, ...} -> 'fast path, 64 images / 32768 tokens per batch'."""
+    """{'fast': True, 'batch_images': 64, ...} -> 'fast path, batch_images=64, batch_tokens=32768'."""
     if not isinstance(numerics, dict):
         return "numerics not recorded"
     fast = numerics.get("fast")
     path = {True: "fast path", False: "reference path"}.get(fast, f"path {fast}")
-    batch = []
-    if "batch_size" in numerics:
-        batch.append(f"batch {numerics['batch_size']}")
-    if "batch_images" in numerics:
-        batch.append(f"{numerics['batch_images']} images / {numerics.get('batch_tokens')} tokens per batch")
+    batch = [f"{key}={numerics[key]}" for key in ("batch_size", "batch_images", "batch_tokens") if key in numerics]
     return ", ".join([path, *batch] + (["compiled"] if numerics.get("compile") else []))
 
 

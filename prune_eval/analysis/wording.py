@@ -269,7 +269,7 @@ def conclusion(r) -> str:
     if r.published_gap is not None:
         parts.append(f"{r.published_text}; measured here: {_pt(r.measured)} points {ci}.")
     else:
-        parts.append(f"No table prints both methods at this budget; published for the versions run: {r.versions_text}; "
+        parts.append(f"No table prints both configurations at this budget; published for the versions run: {r.versions_text}; "
                      f"measured here: {_pt(r.measured)} points {ci}.")
     reference = r.published_gap if r.published_gap is not None else r.versions_gap
     ranked = explanations(r)
