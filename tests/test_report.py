@@ -542,3 +542,53 @@ def test_cell_status_matches_cell_module(tmp_path) -> None:
     for name in ("done", "partial", "failed", "missing"):
         assert cellfiles.cell_status(tmp_path / name) == cell.cell_status(tmp_path / name)
     assert cellfiles.error_message(tmp_path / "failed") == "(error.json unreadable)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds: a configuration computed once serves every seed; gaps over seeds
+def test_a_configuration_computed_once_serves_several_seeds(tmp_path) -> None:
+    """VisionZip does not use the seed: one cell with "seed": null that plan.json maps seeds 0-4 to.
+    SparseVLM v1.5 ran seeds 0 and 1 with different predictions: the gap line gives the gap on each
+    seed and the seed + image interval."""
+    q = pope_questions("llava-1.5")[:900]
+    exp = {**experiment_of("visionzip", 64), "seed": None}
+    write_cell(tmp_path, "vz", q, simulate(q, accuracy=0.8, seed=1), experiment=exp, budget=64)
+    for s in (0, 1):
+        write_cell(tmp_path, f"sv{s}", q, simulate(q, accuracy=0.8, seed=10 + s), budget=64,
+                   experiment=experiment_of("sparsevlm", 64, version="v1.5", seed=s))
+    plan = {"cells": {"vz": {"overrides": ["method=visionzip", "seed=0"],
+                             "aliases": [["method=visionzip", f"seed={s}"] for s in range(1, 5)]},
+                      **{f"sv{s}": {"overrides": ["method=sparsevlm", "method.version=v1.5", f"seed={s}"], "aliases": []}
+                         for s in (0, 1)}}}
+    records.atomic_write_json(tmp_path / "plan.json", plan)
+    a = report.analyse(tmp_path, n_resamples=500)
+    vz = next(c for c in a.configs if c.info["method"] == "visionzip")
+    assert vz.once and a.config_stats[vz.id].seeds.finding == "VisionZip @64 does not use the seed: one computation serves seeds 0–4"
+    (c,) = a.comparisons
+    assert c.pair.seed_note == "seed 0 of B; A does not use the seed"
+    cv = counts_of(tmp_path / "vz")[0]
+    cs = [counts_of(tmp_path / f"sv{s}")[0] for s in (0, 1)]
+    f1 = lambda x: float(metrics.mean_f1(x.sum(0)))  # noqa: E731
+    assert c.seeds.seeds == (0, 1) and c.seeds.gaps == pytest.approx(tuple(f1(cv) - f1(x) for x in cs))
+    direct = stats.paired_seed_and_question_interval([cv], cs, metric=metrics.mean_f1, n_resamples=500, rng=0)
+    assert (c.seeds.low, c.seeds.high) == (direct.confidence_interval.low, direct.confidence_interval.high)
+    assert a.family.source == "plan.json" and a.family.factors == {"method"} and c.family
+    md = report.write_report(tmp_path, n_resamples=500).read_text()
+    assert "| computed once, serves 5 seeds |" in md
+    assert "- C1 VisionZip @64: VisionZip @64 does not use the seed: one computation serves seeds 0–4." in md
+    assert "seeds changed predictions, so the interval resamples seeds and images together" in md
+
+
+def test_yes_ratio_in_both_meanings(tmp_path) -> None:
+    q = pope_questions("llava-1.5")[:300]
+    answers = ["Yes"] * 200 + ["No"] * 100
+    write_cell(tmp_path, "vz", q, answers, experiment=experiment_of("visionzip", 64), budget=64)
+    (config,) = report.analyse(tmp_path, n_resamples=100).configs
+    md = report.write_report(tmp_path, n_resamples=100).read_text()
+    labels_yes = sum(x["label"] == "yes" for x in q) / len(q)
+    assert "| pred. yes-ratio | label yes-ratio |" in md
+    assert f"| {200 / 300:.3f} | {labels_yes:.3f} |" in md
+    assert "which is what lmms-eval's pope task reports as yes_ratio" in md
+    rows = read_csv(tmp_path / "report" / "cells.csv")
+    assert float(rows[0]["llava/pooled_yes_ratio"]) == pytest.approx(200 / 300)
+    assert float(rows[0]["llava/label_yes_ratio"]) == pytest.approx(labels_yes)
