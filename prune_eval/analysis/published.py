@@ -100,7 +100,7 @@ TABLE: list[Published] = [
     *_row("pdrop", None, {192: 82.3, 128: 82.3, 64: 55.9}, "visionzip-t1"),
     # SparseVLM's first table: the same values as VisionZip's copies (which took them from it)
     Published("vanilla", None, None, 85.9, "sparsevlm-v1-t1", variant="576 tokens"),
-    *_row("sparsevlm", "v1", {192: 83.6, 128: 80.5, 64: 75.1}, "sparsevlm-v1-t1"),
+    *_row("sparsevlm", "v1", {192: 83.6, 128: 80.5, 64: 75.1}, "sparsevlm-v1-t1", variant="2024.10 release"),
     *_row("fastv", None, {192: 64.8, 128: 59.6, 64: 48.0}, "sparsevlm-v1-t1"),
     *_row("tome", None, {192: 72.4, 128: 62.8, 64: 52.5}, "sparsevlm-v1-t1"),
 ]
