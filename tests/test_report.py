@@ -175,7 +175,9 @@ def check_outputs(report_dir: Path, figures: tuple[str, ...]) -> None:
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not re.search(r"""(src|href)\s*=\s*['"](?!data:)""", page), "report.html must not load anything"
     assert "<link" not in page and "<script" not in page
-    assert page.count("data:image/png;base64,") == len(figures)
+    walks = sorted(report_dir.glob("reconciliation-*.png"))  # one per reconciliation with the published numbers
+    assert all(w.read_bytes().startswith(PNG_MAGIC) for w in walks)
+    assert page.count("data:image/png;base64,") == len(figures) + len(walks)
     tex = (report_dir / "table.tex").read_text()
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") >= 1
 

@@ -137,30 +137,35 @@ def reconciliation(walks: Sequence[Walk]) -> bytes:
     """A waterfall per reconciliation: totals (published gap, published for the versions run,
     measured) as bars from 0, each axis as a floating bar from the running total; the measured gap
     with its 95% interval."""
-    fig = _figure(8.5, 0.6 + 2.6 * max(1, len(walks)))
+    fig = _figure(8.5, 0.8 + 2.8 * max(1, len(walks)))
     for k, walk in enumerate(walks):
         ax = fig.add_subplot(len(walks), 1, k + 1)
-        running, labels = 0.0, []
+        running, labels, ends = 0.0, [], [0.0, *walk.interval]
         for i, (label, kind, value) in enumerate(walk.steps):
             if kind == "total":
-                colour = "tab:gray" if label != "measured" else "tab:blue"
+                colour = "tab:blue" if label == "measured" else "tab:gray"
                 ax.bar(i, value, color=colour, width=0.6)
-                running = value
+                top, running = value, value
             else:
-                colour = "tab:green" if value >= 0 else "tab:red"
-                ax.bar(i, value, bottom=running, color=colour, width=0.6)
+                ax.bar(i, value, bottom=running, color="tab:green" if value >= 0 else "tab:red", width=0.6)
                 running += value
-            ax.annotate(f"{value:+.2f}", (i, running if kind == "step" else value), ha="center",
-                        va="bottom" if (running if kind == "step" else value) >= 0 else "top", fontsize=8)
-            labels.append(label)
-        last = len(walk.steps) - 1
+                top = running
+            ends += [top, top - value]
+            up = top >= 0 if kind == "total" else value >= 0
+            ax.annotate(f"{value:+.2f}", (i + (0.33 if label == "measured" else 0), top), xytext=(0, 4 if up else -4),
+                        textcoords="offset points", ha="left" if label == "measured" else "center",
+                        va="bottom" if up else "top", fontsize=8)
+            labels.append(label.replace(", ", ",\n"))
         low, high = walk.interval
         measured = walk.steps[-1][2]
-        ax.errorbar(last, measured, yerr=[[measured - low], [high - measured]], color="black", capsize=4, linewidth=1)
+        ax.errorbar(len(walk.steps) - 1, measured, yerr=[[measured - low], [high - measured]], color="black", capsize=4,
+                    linewidth=1, label="measured 95% CI")
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=15, ha="right")
+        pad = 0.18 * (max(ends) - min(ends) or 1.0)  # room for the labels (bars' sticky edges defeat margins)
+        ax.set_ylim(min(ends) - pad, max(ends) + pad)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
         ax.set_ylabel("gap A - B, points", fontsize=8)
-        ax.set_title(walk.title, fontsize=9)
+        ax.set_title(walk.title + " (grey: published; red/green: an axis' effect; blue: measured)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _png(fig)

@@ -158,7 +158,8 @@ def versions_published(method: str) -> list[str]:
 
 def setup_differences(info: dict) -> list[str]:
     """How a cell's setup departs from the papers' (e.g. ['quant int8']); `info` as configs.describe."""
-    return [f"{k} {info.get(k)}" for k, v in PAPER_SETUP.items() if str(info.get(k)) != v]
+    return [f"{k} {'not recorded' if info.get(k) in ('?', None) else info.get(k)}" for k, v in PAPER_SETUP.items()
+            if str(info.get(k)) != v]
 
 
 def label(entry: Published) -> str:

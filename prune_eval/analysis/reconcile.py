@@ -132,8 +132,11 @@ SETUP_AXES = (
     ("checkpoint layout and tokenizer", "model", published.PAPER_MODEL, f"model={published.PAPER_MODEL}", "model"),
     ("preprocessing", "preprocess", published.PAPER_SETUP["preprocess"], "preprocess=pad", "preprocess"),
     ("dtype / quantization", "quant", published.PAPER_SETUP["quant"], "quant=fp16", "quant"),
-    ("question file", "data", published.PAPER_SETUP["data"], "data.version=llava-1.5", "data"),
+    ("question file", "data", published.PAPER_SETUP["data"], "data.version=llava-1.5", "data"),  # ingest: --pope-version llava-1.5
 )
+
+
+INGEST_FLAGS = {"model": "--model", "preprocess": "--preprocess", "quant": "--quant", "data": "--pope-version"}
 
 
 def _differs_only_in(x: Config, y: Config, key: str) -> bool:
@@ -217,8 +220,10 @@ def setup_steps(c: Comparison, configs: Sequence[Config], *, n_resamples: int, s
                               f"differs from the paper; measured (the effect of ours vs the paper's setting): {evidence}", walk=True))
             walk.append((axis, paper_run[1]))
         else:
+            how = (f"ingest answers produced with {INGEST_FLAGS[key]} {paper_value.removeprefix('pope ')}" if a.info["ingested"]
+                   else f"rerun with {override}")
             steps.append(Step(f"setup: {axis}", paper_value, ours, None,
-                              f"differs from the paper, not measured: rerun with {override} to measure it"
+                              f"differs from the paper, not measured: {how} to measure it"
                               + (f"; measured against other settings: {evidence}" if measured else "")))
     return steps, walk
 
@@ -254,10 +259,10 @@ def _floor_step(c: Comparison, comparisons: Sequence[Comparison]) -> tuple[Step,
                 da = p(ca.bootstrap.estimate) * (1 if ca.pair.a is a else -1)
                 db = p(cb.bootstrap.estimate) * (1 if cb.pair.a is b else -1)
                 gap_changes.append((abs(da - db), f"{ca.pair.differs_in}: gap changes by {sgn(-(da - db))}"))
-    command = "eval.fast=true,false (or eval.batch_size=1,8; quant=fp16,bf16)"
+    command = "a prune_eval run of the configuration under two numerics: eval.fast=true,false, eval.batch_size=1,8 or quant=fp16,bf16"
     if fa is None and fb is None:
         return Step("numerical floor", "—", "not measured", None,
-                    f"no cells that differ only in numerics; rerun with {command} to measure it"), None, command
+                    f"no cells that differ only in numerics; {command}, measures it"), None, command
     floors = [f for f in (fa, fb) if f is not None]
     floor = Floor(max([f.points for f in floors] + [g[0] for g in gap_changes]), max(f.answers for f in floors),
                   "; ".join(f.text for f in floors))
@@ -454,10 +459,10 @@ def reconcile(number: int, c: Comparison, configs: Sequence[Config], stats_by_id
     floor_step, floor, command = _floor_step(c, comparisons)
     steps.append(floor_step)
     steps.append(Step("measured gap", "—", f"{sgn(measured)} (mean F1 over splits, LLaVA rule)", measured, f"{run}, {c.n_questions} questions"))
-    unmeasured = [(s.axis, s.evidence.split(": ", 1)[1] if ": " in s.evidence else s.evidence)
-                  for s in steps if s.axis.startswith("setup") and "not measured: rerun" in s.evidence]
+    unmeasured = [(s.axis.removeprefix("setup: "), s.evidence.split("not measured: ", 1)[1].split(" to measure it")[0])
+                  for s in steps if s.axis.startswith("setup") and "not measured: " in s.evidence and "to measure it" in s.evidence]
     if floor is None:
-        unmeasured.append(("numerical floor", f"rerun with {command}"))
+        unmeasured.append(("numerical floor", command))
     return Reconciliation(number, pair.a.label, pair.b.label, published_gap, published_text, versions_gap, versions_text,
                           effect, measured, low, high, 100 * c.mde, c.mde_level, tuple(steps), tuple(setup_walk), floor,
                           command, spread, spread_text, " and ".join(changed) + " version" if changed else "algorithm version",

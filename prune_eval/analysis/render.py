@@ -15,6 +15,7 @@ import csv
 import html
 import io
 import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -25,10 +26,10 @@ from prune_eval.analysis import metrics, plots, published
 from prune_eval.analysis.analyse import Analysis
 from prune_eval.analysis.compare import ALPHA, CONVENTION_RESAMPLES, sign_line
 from prune_eval.analysis.configs import common_text, numerics_text
-from prune_eval.analysis.wording import fmt_p, pts, pts_exact, seed_gap_line
+from prune_eval.analysis.wording import conclusion_parts, fmt_p, pts, pts_exact, seed_gap_line
 
-FIGURES = {"reconciliation.png": "From the published gap to the measured gap", "forest.png": "Gaps with 95% intervals",
-           "budget.png": "Mean F1 vs budget", "splits.png": "F1 per split with 95% intervals"}
+FIGURES = {"forest.png": "Gaps with 95% intervals", "budget.png": "Mean F1 vs budget", "splits.png": "F1 per split with 95% intervals"}
+WALK = "From the published gap to the measured gap"  # reconciliation-<n>.png, one per reconciliation
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,20 @@ def ul(items) -> Block:
     return Block("ul", items=tuple(items))
 
 
+def ol(items) -> Block:
+    return Block("ol", items=tuple(items))
+
+
 def table(header, rows) -> Block:
     return Block("table", items=tuple(tuple(str(x) for x in r) for r in rows), header=tuple(header))
 
 
-def img(name: str) -> Block:
-    return Block("img", FIGURES[name], header=(name,))
+def img(name: str, caption: str | None = None) -> Block:
+    return Block("img", caption or FIGURES[name], header=(name,))
+
+
+def walk_name(number: int) -> str:
+    return f"reconciliation-{number}.png"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +159,8 @@ def _method_blocks(a: Analysis) -> list[Block]:
                 f"is the comparisons in {a.family.describe()}, without comparisons against vanilla or the random baseline "
                 f"and without pairs with identical predictions: {a.family.size} comparison(s). The others are diagnostic: "
                 "their p-values are unadjusted and say so. The minimum detectable effect (80% power) of a family member is "
-                f"at alpha/{max(a.family.size, 1)} (Holm's strictest step), a diagnostic's at alpha. cells.csv and gaps.csv "
+                + (f"at alpha/{a.family.size} (Holm's strictest step)" if a.family.size > 1 else "at alpha")
+                + ", a diagnostic's at alpha. cells.csv and gaps.csv "
                 "hold fractions (0-1).")]
     if floor:
         blocks.append(p(f"{floor} of the {len(tested)} permutation p-values sit at the Monte Carlo floor 1/(B+1) = "
@@ -170,17 +180,21 @@ def _reconciliation_blocks(a: Analysis, figure_names) -> list[Block]:
     blocks = [h(2, "Reconciliation with the published numbers")]
     for r in a.reconciliations:
         start = "" if r.published_gap is None else f"published {pts_exact(r.published_gap / 100, True)} → "
+        head, ranked, remarks = conclusion_parts(r)
         blocks += [h(3, f"#{r.number} {r.a} vs {r.b}: {start}measured {pts_exact(r.measured / 100, True)} points"),
-                   p(r.conclusion, css="lead"),
-                   table(("axis", "published", "measured here", "effect on the gap (points)", "evidence"),
-                         [(s.axis, s.published, s.measured, "" if s.effect is None else pts_exact(s.effect / 100, True), s.evidence)
-                          for s in r.steps])]
+                   p(head, css="lead")]
+        if ranked:
+            blocks += [p("Explanations ranked by measured size:"), ol(re.sub(r"^\(\d+\) ", "", x) for x in ranked)]
+        blocks += [p(remark) for remark in remarks]
+        if walk_name(r.number) in figure_names:
+            blocks.append(img(walk_name(r.number), f"#{r.number}: {WALK}"))
+        blocks.append(table(("axis", "published", "measured here", "effect on the gap (points)", "evidence"),
+                            [(s.axis, s.published, s.measured, "" if s.effect is None else pts_exact(s.effect / 100, True),
+                              s.evidence) for s in r.steps]))
     blocks.append(p("Effect: for 'version' and 'setup' rows, how much that axis moves the gap (a step of the walk from the "
                     "published to the measured gap); for convention rows, the gap under that convention minus the gap under "
                     "the papers'; for the numerical floor, the largest change numerics alone made. 'remaining' in the chart is "
                     "what the measured axes leave unexplained (implementation, unmeasured setup, sampling noise)."))
-    if "reconciliation.png" in figure_names:
-        blocks.append(img("reconciliation.png"))
     return blocks
 
 
@@ -446,7 +460,7 @@ def _published_blocks(a: Analysis) -> list[Block]:
 
 
 def _figure_blocks(names) -> list[Block]:
-    shown = [n for n in FIGURES if n in names and n != "reconciliation.png"]
+    shown = [n for n in FIGURES if n in names]
     return [h(2, "Figures")] + [img(n) for n in shown] if shown else []
 
 
@@ -471,6 +485,8 @@ def to_markdown(blocks) -> str:
             out.append(f"**{b.text}**" if b.css == "lead" else b.text)
         elif b.kind == "ul":
             out.append("\n".join(f"- {item}" for item in b.items))
+        elif b.kind == "ol":
+            out.append("\n".join(f"{k}. {item}" for k, item in enumerate(b.items, start=1)))
         elif b.kind == "table":
             lines = ["| " + " | ".join(map(_md_cell, b.header)) + " |", "|" + "---|" * len(b.header)]
             lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in b.items]
@@ -487,7 +503,7 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1250px;margin:2em auto;p
        ".scroll{overflow-x:auto}"
        "table{border-collapse:collapse;margin:1em 0;font-size:0.84em}th,td{border:1px solid #ccc;padding:3px 6px;"
        "text-align:left;vertical-align:top}th{background:#f3f3f3;position:sticky;top:0}"
-       "td{max-width:34em;overflow-wrap:anywhere}img{max-width:100%}figure{margin:1em 0}")
+       "td{max-width:34em;overflow-wrap:break-word}td:first-child{white-space:nowrap}img{max-width:100%}figure{margin:1em 0}")
 
 
 def to_html(blocks, images: dict) -> str:
@@ -500,8 +516,8 @@ def to_html(blocks, images: dict) -> str:
             out.append(f"<{b.kind}>{e(b.text)}</{b.kind}>")
         elif b.kind == "p":
             out.append(f"<p class='{b.css}'>{e(b.text)}</p>" if b.css else f"<p>{e(b.text)}</p>")
-        elif b.kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in b.items) + "</ul>")
+        elif b.kind in ("ul", "ol"):
+            out.append(f"<{b.kind}>" + "".join(f"<li>{e(i)}</li>" for i in b.items) + f"</{b.kind}>")
         elif b.kind == "table":
             head = "".join(f"<th>{e(x)}</th>" for x in b.header)
             body = "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in row) + "</tr>" for row in b.items)
@@ -642,9 +658,8 @@ def table_tex(a: Analysis) -> bytes:
 # Figures
 def make_figures(a: Analysis) -> dict:
     out = {}
-    if a.reconciliations:
-        out["reconciliation.png"] = plots.reconciliation(
-            [plots.Walk(f"#{r.number} {r.a} vs {r.b}", tuple(r.walk()), (r.low, r.high)) for r in a.reconciliations])
+    for r in a.reconciliations:
+        out[walk_name(r.number)] = plots.reconciliation([plots.Walk(f"#{r.number} {r.a} vs {r.b}", tuple(r.walk()), (r.low, r.high))])
     tested = [c for c in a.comparisons if c.problem is None]
     if tested:
         out["forest.png"] = plots.forest([

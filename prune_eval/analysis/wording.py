@@ -262,15 +262,14 @@ def conventions_sentence(r) -> str:
     return text
 
 
-def conclusion(r) -> str:
-    """The plain-words conclusion: explanations ranked by measured size, each with its number."""
+def conclusion_parts(r) -> tuple[str, list[str], list[str]]:
+    """The conclusion as (headline, ranked explanations, remarks); `conclusion` joins them."""
     ci = f"[95% CI {_pt(r.low)} to {_pt(r.high)}]"
-    parts = []
     if r.published_gap is not None:
-        parts.append(f"{r.published_text}; measured here: {_pt(r.measured)} points {ci}.")
+        head = [f"{r.published_text}; measured here: {_pt(r.measured)} points {ci}."]
     else:
-        parts.append(f"No table prints both configurations at this budget; published for the versions run: {r.versions_text}; "
-                     f"measured here: {_pt(r.measured)} points {ci}.")
+        head = [f"No table prints both configurations at this budget; published for the versions run: {r.versions_text}; "
+                f"measured here: {_pt(r.measured)} points {ci}."]
     reference = r.published_gap if r.published_gap is not None else r.versions_gap
     ranked = explanations(r)
     if reference is not None and not is_zero(reference) and not is_zero(r.measured) and (reference > 0) != (r.measured > 0):
@@ -283,11 +282,10 @@ def conclusion(r) -> str:
             elif _inside(r.versions_gap, r.low, r.high, r.tolerance):
                 text += (f" The {r.version_label} accounts for most of it: for the versions run the published gap "
                          f"{_pt(r.versions_gap)} lies inside the measured 95% CI.")
-        parts.append(text)
-    if ranked:
-        parts.append("Explanations ranked by measured size: " + "; ".join(
-            f"({k}) {name}: {_pt(size) if name != 'numerical floor' else f'up to {abs(size):.2f}'} points — {why}"
-            for k, (name, size, why) in enumerate(ranked, start=1)) + ".")
+        head.append(text)
+    items = [f"({k}) {name}: {_pt(size) if name != 'numerical floor' else f'up to {abs(size):.2f}'} points — {why}"
+             for k, (name, size, why) in enumerate(ranked, start=1)]
+    parts = []
     if r.published_gap is not None:
         where = "inside" if _inside(r.published_gap, r.low, r.high, r.tolerance) else "outside"
         parts.append(f"The published {_pt(r.published_gap)} lies {where} the measured 95% CI"
@@ -297,4 +295,11 @@ def conclusion(r) -> str:
     parts.append(conventions_sentence(r))
     if r.unmeasured:
         parts.append("Not measured: " + "; ".join(f"{axis} ({how})" for axis, how in r.unmeasured) + ".")
-    return " ".join(filter(None, parts))
+    return " ".join(head), items, [x for x in parts if x]
+
+
+def conclusion(r) -> str:
+    """The plain-words conclusion: explanations ranked by measured size, each with its number."""
+    head, items, remarks = conclusion_parts(r)
+    ranked = f"Explanations ranked by measured size: {'; '.join(items)}." if items else ""
+    return " ".join(x for x in (head, ranked, *remarks) if x)
