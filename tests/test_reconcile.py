@@ -312,3 +312,38 @@ def test_toy_sweep_renders_every_reconciliation_row_with_measured_numbers(toy_sw
     theirs = {x["key"]: x for x in records.read_records(van).records}
     assert g.vanilla_cell == van.name
     assert g.equal.estimate == pytest.approx(np.mean([mine[k]["pred_llava"] == theirs[k]["pred_llava"] for k in mine]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The documented example runs, and what the README and docs quote is what it prints
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bash_block(text: str) -> str:
+    start = text.index("```bash\n") + len("```bash\n")
+    return text[start:text.index("```\n", start)]
+
+
+def quoted(text: str) -> list[str]:
+    return [line[2:] for line in text.splitlines() if line.startswith("> ") and len(line) > 2]
+
+
+@pytest.mark.slow
+def test_documented_report_example_runs_and_its_quotes_are_real(tmp_path) -> None:
+    docs = (REPO / "docs" / "report-example.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    commands = bash_block(docs)
+    assert commands in readme  # the README shows the same commands
+    work = tmp_path / "repo"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(POPE.parents[1])  # ../shared from the working directory, as from the repository
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    md = (work / "compare" / "report" / "report.md").read_text().replace("**", "")
+    lines = quoted(docs)
+    assert len(lines) == 6 and quoted(readme)[: len(lines)] == lines
+    for line in lines:
+        assert line in md, line
+    screenshot = REPO / "docs" / "report-screenshot.png"
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
