@@ -745,6 +745,15 @@ def _check_seed_counts(counts_by_seed: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(arrays)
 
 
+def _seed_replicates(stack: np.ndarray, cluster_w: np.ndarray, rng: np.random.Generator, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+    """Per-seed metric (K,) and the bootstrap replicates (B,): each replicate's drawn clusters
+    (`cluster_w` (B, C)) summed for every seed, then averaged over seeds drawn with replacement."""
+    k, c, s, f = stack.shape  # (K, C, S, 6)
+    seed_w = _cluster_weights(rng, k, len(cluster_w)) / k  # (B, K), rows sum to 1
+    totals = (cluster_w @ stack.transpose(1, 0, 2, 3).reshape(c, k * s * f)).reshape(len(cluster_w), k, s, f)
+    return _evaluate(metric, stack.sum(1)), np.sum(_evaluate(metric, totals) * seed_w, axis=1)
+
+
 def seed_and_question_interval(
     counts_by_seed: Sequence[np.ndarray],
     *,
@@ -767,13 +776,9 @@ def seed_and_question_interval(
     metric = _check_metric(metric)
     n_resamples = _check_int("n_resamples", n_resamples, 2)
     confidence_level = _check_fraction("confidence_level", confidence_level)
-    n_seeds, n_clusters, s, f = stack.shape
-    per_seed = _evaluate(metric, stack.sum(1))  # (K, S, 6) -> (K,)
+    n_seeds, n_clusters = stack.shape[:2]
     cluster_w, rng = _first_weights(rng, n_clusters, n_resamples)  # (B, C)
-    seed_w = _cluster_weights(rng, n_seeds, n_resamples) / n_seeds  # (B, K), rows sum to 1
-    by_cluster = stack.transpose(1, 0, 2, 3).reshape(n_clusters, n_seeds * s * f)
-    totals = (cluster_w @ by_cluster).reshape(n_resamples, n_seeds, s, f)  # (B, C) @ (C, K*S*6)
-    distribution = np.sum(_evaluate(metric, totals) * seed_w, axis=1)  # (B, K) -> (B,)
+    per_seed, distribution = _seed_replicates(stack, cluster_w, rng, metric)
     alpha = (1 - confidence_level) / 2
     estimate = float(per_seed.mean())
     return SeedIntervalResult(
@@ -816,14 +821,8 @@ def paired_seed_and_question_interval(
     n_clusters = a.shape[1]
     cluster_w, rng = _first_weights(rng, n_clusters, n_resamples)  # (B, C), shared by both sides
 
-    def side(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k, c, s, f = stack.shape
-        seed_w = _cluster_weights(rng, k, n_resamples) / k  # (B, K), rows sum to 1
-        totals = (cluster_w @ stack.transpose(1, 0, 2, 3).reshape(c, k * s * f)).reshape(n_resamples, k, s, f)
-        return _evaluate(metric, stack.sum(1)), np.sum(_evaluate(metric, totals) * seed_w, axis=1)
-
-    per_a, dist_a = side(a)
-    per_b, dist_b = side(b)
+    per_a, dist_a = _seed_replicates(a, cluster_w, rng, metric)
+    per_b, dist_b = _seed_replicates(b, cluster_w, rng, metric)
     distribution = dist_a - dist_b
     estimate = float(per_a.mean() - per_b.mean())
     alpha = (1 - confidence_level) / 2
