@@ -22,7 +22,7 @@ import numpy as np
 
 from prune_eval.analysis import metrics, published, stats, wording
 from prune_eval.analysis.configs import Config, ConfigStats, Scored, used_cells
-from prune_eval.analysis.pairs import Pair
+from prune_eval.analysis.pairs import FACTOR_WORDS, Pair, choose_cells
 
 ALPHA = 0.05
 CONVENTION_RESAMPLES = 2_000  # at most, for the sensitivity rows: their intervals are context, not tests
@@ -126,8 +126,6 @@ def convention_gaps(a: Scored, b: Scored, *, n_resamples: int, seed: int, primar
 
 def _data_version_gaps(pair: Pair, configs: Sequence[Config], *, n_resamples: int, seed: int) -> list[Gap]:
     """The primary gap on the other question files where both configurations were also run."""
-    from prune_eval.analysis.pairs import choose_cells
-
     if pair.factor in ("answers", "explicit", "implementation") or pair.a.info["ingested"]:
         return []
     out = []
@@ -228,8 +226,6 @@ class Family:
     size: int = 0
 
     def describe(self) -> str:
-        from prune_eval.analysis.pairs import FACTOR_WORDS
-
         words = ", ".join(FACTOR_WORDS.get(f, f) for f in sorted(self.factors)) or "none"
         how = {"--primary": "named with --primary", "plan.json": "the factors swept on the command line (plan.json)",
                "default": "the default without plan.json (methods, answer files, --pair)"}[self.source]

@@ -138,8 +138,6 @@ def describe(summary: dict) -> dict:
         model_name = ", ".join((summary.get("ingested") or {}).get("model_ids") or []) or "?"
     method_name = str(method.get("name", "?")) if metadata else str(summary.get("cell"))
     budget = _budget(params, summary) if metadata and not (ingested and method_name == "vanilla") else None
-    if method_name == "vanilla" and ingested:
-        budget = None
     return {
         "ingested": ingested,
         "metadata": metadata,
@@ -159,7 +157,6 @@ def describe(summary: dict) -> dict:
         "max_new_tokens": exp.get("max_new_tokens"),
         "compute": summary.get("compute"),
         "numerics": exp.get("numerics"),
-        "uses_seed": exp.get("seed") is not None if "seed" in exp else not ingested,
     }
 
 
