@@ -208,12 +208,12 @@ def test_issue_19_two_answer_files_name_the_version_axis(tmp_path) -> None:
     assert (round(acc_vz, 1), round(acc_sv, 1)) == (80.3, 80.6)
     boot = stats.paired_cluster_bootstrap(vz, sv, metric=metrics.mean_f1, n_resamples=2000, rng=0)
     gap, low, high = (100 * x for x in (boot.estimate, boot.confidence_interval.low, boot.confidence_interval.high))
-    conclusion = re.search(r"### #1 vz \(VisionZip @64\) vs svlm \(SparseVLM v1\.5 @64\): published \+1\.90 → measured (\S+) points\n\n\*\*(.*?)\*\*",
-                           md, flags=re.S)
+    conclusion = re.search(r"### #1 vz \(VisionZip @64\) vs svlm \(SparseVLM v1\.5 @64\): published \+1\.90 → measured (\S+) points\n\n"
+                           r"(.*?)\n\n!\[", md, flags=re.S)
     assert conclusion[1] == sgn(gap)
-    text = conclusion[2]
+    text = conclusion[2]  # the headline, the ranked explanations, the remarks: what a reader sees first
     assert "the published 75.1 is SparseVLM v1's; v1.5, which was run, publishes 77.5" in text
-    assert "(1) SparseVLM version: -2.40 points" in text
+    assert "Explanations ranked by measured size:\n\n1. SparseVLM version: -2.40 points" in text
     outside = not (low - 0.1 <= 1.9 <= high + 0.1)
     assert f"The published +1.90 lies {'outside' if outside else 'inside'} the measured 95% CI" in text
     assert f"measured here: {sgn(gap)} points [95% CI {sgn(low)} to {sgn(high)}]" in text

@@ -198,6 +198,36 @@ def test_report_modules_do_not_import_torch(tmp_path) -> None:
     assert (tmp_path / "report" / "report.md").exists()
 
 
+def test_analysis_modules_import_each_other_without_a_cycle() -> None:
+    """report -> analyse/render -> ... -> metrics: a directed acyclic graph (issue 19.8)."""
+    import ast
+
+    folder = Path(report.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "prune_eval.analysis":
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prune_eval.analysis."):
+                found.add(node.module.rsplit(".", 1)[1])
+        graph[path.stem] = found
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        assert state.get(module) != "open", " -> ".join(path + [module])
+        if state.get(module) == "done":
+            return
+        state[module] = "open"
+        for other in graph.get(module, ()):
+            visit(other, path + [module])
+        state[module] = "done"
+
+    for module in graph:
+        visit(module, [])
+    assert "render" not in graph["analyse"] and "report" not in graph["render"]
+
+
 def test_missing_directory_is_one_line_and_exit_2(tmp_path) -> None:
     result = run_cli(["/nonexistent"], tmp_path, module="prune_eval.report")
     assert result.returncode == 2
