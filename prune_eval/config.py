@@ -186,7 +186,7 @@ def config_error(cfg: DictConfig, error: Exception) -> PruneEvalError:
 
 
 EVAL_NUMBERS = {"batch_size": 1, "max_new_tokens": 1, "part_size": 1, "batch_images": 1, "batch_tokens": 1}  # key: minimum
-EVAL_FLAGS = ("fast", "stop_when_decided", "compile")
+EVAL_FLAGS = ("fast", "stop_when_decided", "compile", "allow_mixed_numerics")
 MAX_NEW_TOKENS = 4096  # LLaVA-1.5's context length: no answer can be longer
 GROUP_NODES = ("model", "method", "quant", "data", "preprocess", "eval")
 
@@ -257,8 +257,24 @@ def _plan_cell(cfg: DictConfig) -> CellSpec:
         "method": {"name": method.name, "version": method.version, "params": params},
         "seed": seed,
         "max_new_tokens": int(cfg.eval.max_new_tokens),
+        "numerics": numerics_identity(cfg.eval),
     }
     return CellSpec(cell_name(experiment, budget), experiment, method, params, geometry)
+
+
+def numerics_identity(eval_cfg) -> dict[str, Any]:
+    """The configured settings that can change fp16 predictions without changing the method: the
+    evaluation path as configured (`eval.fast`), that path's batch composition (reference:
+    batch_size; fast: batch_images, batch_tokens; both when the path is not fixed) and compile.
+    Part of the cell's identity, so a sweep over them gives cells the report pairs as numerics-only
+    comparisons (its numerical floor). What actually ran is in each record part's footer."""
+    fast = eval_cfg.get("fast", False)
+    identity: dict[str, Any] = {"fast": fast, "compile": bool(eval_cfg.get("compile", False))}
+    if fast is not True:
+        identity["batch_size"] = int(eval_cfg.get("batch_size", 8))
+    if fast is not False:
+        identity.update(batch_images=int(eval_cfg.get("batch_images", 64)), batch_tokens=int(eval_cfg.get("batch_tokens", 32768)))
+    return identity
 
 
 def cell_name(experiment: dict[str, Any], budget: int) -> str:

@@ -2,9 +2,12 @@
 
 A cell directory holds
 - `records/part-00000.jsonl`, `part-00001.jsonl`, ...: one JSON object per answered question, then a
-  footer line `{"_footer": {"count": n, "sha256": ...}}` over the bytes of the record lines. Each part
-  is written to a temporary file, fsynced and renamed into place, so a part is either complete or
-  absent; the footer makes a truncated or edited part detectable by anyone who reads it.
+  footer line `{"_footer": {"count": n, "sha256": ..., "numerics": {...}}}` over the bytes of the record
+  lines. Each part is written to a temporary file, fsynced and renamed into place, so a part is either
+  complete or absent; the footer makes a truncated or edited part detectable by anyone who reads it.
+  `numerics` (schema 2) are the runtime numerics the part was computed under (evaluation path, device,
+  dtype, attention kernels, compile, torch and transformers versions: prune_eval.execution.cell), so a
+  resumed cell can refuse to mix parts computed differently; ingested parts and schema-1 parts have none.
 - `summary.json` (written last, atomically): the resolved config, metrics, versions, checksums; its
   presence means the cell is complete.
 - `error.json` when the last attempt failed: message and traceback.
@@ -14,8 +17,8 @@ A cell directory holds
 
 Readers never trust a part without its footer, and refuse records whose question appears twice with
 different content or fields of the wrong type (FIELD_TYPES). Records carry `schema_version`; readers
-accept every version listed in
-`READABLE_SCHEMAS`.
+accept every version listed in `READABLE_SCHEMAS` (1: no numerics in the footer; 2: footer `numerics`,
+records unchanged).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from typing import Any
 from prune_eval import faults
 from prune_eval.errors import PruneEvalError
 
-SCHEMA_VERSION = 1
-READABLE_SCHEMAS = (1,)
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 RECORD_FIELDS = (
     "schema_version",
     "key",
@@ -113,10 +116,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def encode_part(records: list[dict]) -> bytes:
+def encode_part(records: list[dict], numerics: dict | None = None) -> bytes:
+    """Record lines and the footer; `numerics` (the part's runtime numerics) go into the footer."""
     body = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records).encode()
-    footer = {"_footer": {"count": len(records), "sha256": hashlib.sha256(body).hexdigest(), "schema_version": SCHEMA_VERSION}}
-    return body + (json.dumps(footer) + "\n").encode()
+    footer = {"count": len(records), "sha256": hashlib.sha256(body).hexdigest(), "schema_version": SCHEMA_VERSION}
+    if numerics is not None:
+        footer["numerics"] = numerics
+    return body + (json.dumps({"_footer": footer}, sort_keys=True) + "\n").encode()
 
 
 def records_dir(cell_dir: Path) -> Path:
@@ -127,12 +133,12 @@ def part_paths(cell_dir: Path) -> list[Path]:
     return sorted(records_dir(cell_dir).glob(PART_GLOB))
 
 
-def write_part(cell_dir: Path, records: list[dict]) -> Path:
+def write_part(cell_dir: Path, records: list[dict], numerics: dict | None = None) -> Path:
     """Append one part after the existing ones; returns its path."""
     existing = part_paths(cell_dir)
     index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
     path = records_dir(cell_dir) / f"part-{index:05d}.jsonl"
-    atomic_write_bytes(path, encode_part(records))
+    atomic_write_bytes(path, encode_part(records, numerics))
     return path
 
 
@@ -142,6 +148,11 @@ class BadPart(Exception):
 
 def read_part(path: Path) -> list[dict]:
     """The records of one part, or BadPart saying why it cannot be trusted."""
+    return read_part_and_footer(path)[0]
+
+
+def read_part_and_footer(path: Path) -> tuple[list[dict], dict]:
+    """The verified records of one part and its footer (`footer.get("numerics")`: None before schema 2)."""
     data = Path(path).read_bytes()
     if not data.endswith(b"\n"):
         raise BadPart(f"{path}: truncated (no final newline)")
@@ -169,7 +180,7 @@ def read_part(path: Path) -> list[dict]:
         if wrong:
             raise BadPart(f"{path}:{number}: wrong type(s) {', '.join(wrong)}")
         records.append(record)
-    return records
+    return records, footer
 
 
 # What each field must hold (ingested answer files have no token counts or stop reasons).
@@ -201,6 +212,7 @@ class CellRecords:
     records: list[dict] = field(default_factory=list)
     bad_parts: list[tuple[Path, str]] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)  # keys answered twice, differently
+    numerics: dict[str, dict | None] = field(default_factory=dict)  # part file name -> its footer's numerics
 
     @property
     def keys(self) -> set[str]:
@@ -213,10 +225,12 @@ def read_records(cell_dir: Path) -> CellRecords:
     by_key: dict[str, dict] = {}
     for path in part_paths(cell_dir):
         try:
-            part = read_part(path)
+            part, footer = read_part_and_footer(path)
         except (BadPart, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             result.bad_parts.append((path, str(e)))
             continue
+        numerics = footer.get("numerics")
+        result.numerics[path.name] = numerics if isinstance(numerics, dict) else None
         for record in part:
             previous = by_key.get(record["key"])
             if previous is None:

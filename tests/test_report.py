@@ -175,7 +175,9 @@ def check_outputs(report_dir: Path, figures: tuple[str, ...]) -> None:
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not re.search(r"""(src|href)\s*=\s*['"](?!data:)""", page), "report.html must not load anything"
     assert "<link" not in page and "<script" not in page
-    assert page.count("data:image/png;base64,") == len(figures)
+    walks = sorted(report_dir.glob("reconciliation-*.png"))  # one per reconciliation with the published numbers
+    assert all(w.read_bytes().startswith(PNG_MAGIC) for w in walks)
+    assert page.count("data:image/png;base64,") == len(figures) + len(walks)
     tex = (report_dir / "table.tex").read_text()
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") >= 1
 
@@ -194,6 +196,36 @@ def test_report_modules_do_not_import_torch(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_analysis_modules_import_each_other_without_a_cycle() -> None:
+    """report -> analyse/render -> ... -> metrics: a directed acyclic graph (issue 19.8)."""
+    import ast
+
+    folder = Path(report.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "prune_eval.analysis":
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prune_eval.analysis."):
+                found.add(node.module.rsplit(".", 1)[1])
+        graph[path.stem] = found
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        assert state.get(module) != "open", " -> ".join(path + [module])
+        if state.get(module) == "done":
+            return
+        state[module] = "open"
+        for other in graph.get(module, ()):
+            visit(other, path + [module])
+        state[module] = "done"
+
+    for module in graph:
+        visit(module, [])
+    assert "render" not in graph["analyse"] and "report" not in graph["render"]
 
 
 def test_missing_directory_is_one_line_and_exit_2(tmp_path) -> None:
@@ -267,24 +299,31 @@ def test_report_numbers_equal_direct_stats_calls(campaign_report, campaign_dir) 
     perm = stats.paired_cluster_permutation_test(ca, cb, metric=metrics.mean_f1, n_resamples=10_000, rng=0)
     mcnemar = stats.mcnemar_exact(correct_a, correct_b)
     acc = stats.paired_difference(correct_a.astype(float), correct_b.astype(float), [r["image"] for r in recs])
+    family = [r for r in rows if r["family"] == "True"]
+    assert first in family and len(family) == 5  # VisionZip vs SparseVLM: 3 budgets, int8, the 9000-question files
+    assert all(r["factor"] == "method" and "vanilla" not in (r["a"] + r["b"]) and "random" not in (r["a"] + r["b"]) for r in family)
     expected = {"gap": boot.estimate, "ci_low": boot.confidence_interval.low, "ci_high": boot.confidence_interval.high,
                 "bootstrap_se": boot.standard_error, "permutation_p": perm.p_value,
-                "mde": stats.minimum_detectable_effect(boot.standard_error), "accuracy_gap": acc.estimate,
+                "mde": stats.minimum_detectable_effect(boot.standard_error, alpha=0.05 / len(family)), "accuracy_gap": acc.estimate,
                 "accuracy_se_clustered": acc.standard_error, "accuracy_se_unclustered": acc.standard_error_unclustered,
                 "accuracy_mde": acc.minimum_detectable_effect, "mcnemar_p": mcnemar.p_value}
     for column, value in expected.items():
         assert float(first[column]) == pytest.approx(value, rel=1e-12, abs=1e-15), column
     assert (int(first["mcnemar_b"]), int(first["mcnemar_c"])) == (mcnemar.b, mcnemar.c)
-    # Holm over the family: every primary p recomputed here from the records, then adjusted
+    # Holm over the declared family: every primary p recomputed here from the records, then adjusted
     p_values = []
-    for row in rows:
+    for row in family:
         a, _, _ = counts_of(campaign_dir / row["a_cell"])
         b, _, _ = counts_of(campaign_dir / row["b_cell"])
         p_values.append(stats.paired_cluster_permutation_test(a, b, metric=metrics.mean_f1, n_resamples=10_000, rng=0).p_value)
-    assert [float(r["permutation_p"]) for r in rows] == pytest.approx(p_values, rel=1e-12)
+    assert [float(r["permutation_p"]) for r in family] == pytest.approx(p_values, rel=1e-12)
     holm = stats.holm(p_values)
-    assert [float(r["holm_p"]) for r in rows] == pytest.approx(list(holm.p_values), rel=1e-12)
-    assert [r["significant"] == "True" for r in rows] == list(holm.reject)
+    assert [float(r["holm_p"]) for r in family] == pytest.approx(list(holm.p_values), rel=1e-12)
+    assert [r["significant"] == "True" for r in family] == list(holm.reject)
+    # diagnostic comparisons keep their unadjusted p, and 'significant' is at alpha unadjusted
+    for row in rows:
+        if row["family"] == "False":
+            assert row["holm_p"] == "" and (row["significant"] == "True") == (float(row["permutation_p"]) <= 0.05)
     # the convention rows are the same predictions under other metrics
     exact_a, _, _ = counts_of(campaign_dir / first["a_cell"], "exact")
     exact_b, _, _ = counts_of(campaign_dir / first["b_cell"], "exact")
@@ -307,9 +346,12 @@ def test_campaign_report_sections(campaign_report) -> None:
     assert re.search(r"The sign flips under: pooled accuracy, exact match \(lmms-eval's pope_accuracy\) "
                      r"\(pope llava-1.5, 8910 q\) — and its 95% CI excludes 0", md)
     # published values: matched by method, version, budget; setup differences named; the papers' gap
-    assert "| SparseVLM v1 @64 | sparsevlm v1 (2024.10 release) | 75.1 | visionzip-t1 |" in md
+    assert "| SparseVLM v1 @64 | sparsevlm v1 (2024.10 release) | 75.1 | visionzip-t1, sparsevlm-v1-t1 |" in md
     assert "| VisionZip @64 · int8 | visionzip | 77.0 |" in md and "quant int8 |" in md
-    assert "VisionZip @64 vs SparseVLM v1 @64: the papers' gap +1.9 is" in md
+    assert re.search(r"VisionZip @64 vs SparseVLM v1 @64: ours [+-]\d+\.\d\d vs the papers' \+1\.9 \(ours - paper [+-]\d+\.\d\d\); "
+                     r"the papers' gap is (inside|OUTSIDE) our 95% CI", md)
+    # the reconciliation comes first
+    assert md.index("## Reconciliation with the published numbers") < md.index("## Verdicts")
     assert "Yang et al., VisionZip (CVPR 2025), Table 1 (LLaVA-1.5-7B) (arXiv:2412.04467" in md
 
 
@@ -356,7 +398,8 @@ def test_identical_predictions_and_noise_verdicts(tmp_path) -> None:
     small_cell(tmp_path, "sparsevlm", "sparsevlm", version="v1", accuracy=0.8, sim=2)
     verdicts = {(c.pair.a.label, c.pair.b.label): c.verdict for c in analyse(tmp_path).comparisons}
     assert verdicts[("VisionZip @64", "random @64")] == \
-        "VisionZip @64 and random @64 gave identical predictions on all 240 questions: no difference to test."
+        ("VisionZip @64 and random @64 gave identical predictions on all 240 questions under both parsing rules: "
+         "every gap is exactly 0; nothing to test.")
     assert "not distinguishable from noise" in verdicts[("VisionZip @64", "SparseVLM v1 @64")]
 
 
@@ -486,7 +529,8 @@ def test_demo_sweep_report_and_half_finished_sweep(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "outputs" / "demo"
     assert "report: outputs/demo/report/report.md" in result.stdout  # written by the sweep itself
-    check_outputs(sweep / "report", ("forest.png", "budget.png", "splits.png"))
+    check_outputs(sweep / "report", ("forest.png", "splits.png"))
+    assert not (sweep / "report" / "budget.png").exists()  # one budget: no budget plot
     assert len(read_csv(sweep / "report" / "cells.csv")) == 6
     md = (sweep / "report" / "report.md").read_text()
     assert "seeds 0, 1 gave identical predictions on all 54 questions" in md
@@ -526,7 +570,7 @@ def test_published_lookup_matches_method_version_and_budget() -> None:
     assert look("llava-1.5-7b", "visionzip", None, 96, {}) is None
     for entry in published.TABLE:
         source = published.SOURCES[entry.source]
-        assert source.arxiv and source.from_fact_sheet.startswith("notes/")
+        assert source.arxiv and (source.via.startswith("notes/") or "commit" in source.via)
     assert published.setup_differences({"quant": "int8", "preprocess": "pad", "data": "pope llava-1.5"}) == ["quant int8"]
 
 
@@ -541,3 +585,53 @@ def test_cell_status_matches_cell_module(tmp_path) -> None:
     for name in ("done", "partial", "failed", "missing"):
         assert cellfiles.cell_status(tmp_path / name) == cell.cell_status(tmp_path / name)
     assert cellfiles.error_message(tmp_path / "failed") == "(error.json unreadable)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds: a configuration computed once serves every seed; gaps over seeds
+def test_a_configuration_computed_once_serves_several_seeds(tmp_path) -> None:
+    """VisionZip does not use the seed: one cell with "seed": null that plan.json maps seeds 0-4 to.
+    SparseVLM v1.5 ran seeds 0 and 1 with different predictions: the gap line gives the gap on each
+    seed and the seed + image interval."""
+    q = pope_questions("llava-1.5")[:900]
+    exp = {**experiment_of("visionzip", 64), "seed": None}
+    write_cell(tmp_path, "vz", q, simulate(q, accuracy=0.8, seed=1), experiment=exp, budget=64)
+    for s in (0, 1):
+        write_cell(tmp_path, f"sv{s}", q, simulate(q, accuracy=0.8, seed=10 + s), budget=64,
+                   experiment=experiment_of("sparsevlm", 64, version="v1.5", seed=s))
+    plan = {"cells": {"vz": {"overrides": ["method=visionzip", "seed=0"],
+                             "aliases": [["method=visionzip", f"seed={s}"] for s in range(1, 5)]},
+                      **{f"sv{s}": {"overrides": ["method=sparsevlm", "method.version=v1.5", f"seed={s}"], "aliases": []}
+                         for s in (0, 1)}}}
+    records.atomic_write_json(tmp_path / "plan.json", plan)
+    a = report.analyse(tmp_path, n_resamples=500)
+    vz = next(c for c in a.configs if c.info["method"] == "visionzip")
+    assert vz.once and a.config_stats[vz.id].seeds.finding == "VisionZip @64 does not use the seed: one computation serves seeds 0–4"
+    (c,) = a.comparisons
+    assert c.pair.seed_note == "seed 0 of B; A does not use the seed"
+    cv = counts_of(tmp_path / "vz")[0]
+    cs = [counts_of(tmp_path / f"sv{s}")[0] for s in (0, 1)]
+    f1 = lambda x: float(metrics.mean_f1(x.sum(0)))  # noqa: E731
+    assert c.seeds.seeds == (0, 1) and c.seeds.gaps == pytest.approx(tuple(f1(cv) - f1(x) for x in cs))
+    direct = stats.paired_seed_and_question_interval([cv], cs, metric=metrics.mean_f1, n_resamples=500, rng=0)
+    assert (c.seeds.low, c.seeds.high) == (direct.confidence_interval.low, direct.confidence_interval.high)
+    assert a.family.source == "plan.json" and a.family.factors == {"method"} and c.family
+    md = report.write_report(tmp_path, n_resamples=500).read_text()
+    assert "| computed once, serves 5 seeds |" in md
+    assert "- C1 VisionZip @64: VisionZip @64 does not use the seed: one computation serves seeds 0–4." in md
+    assert "seeds changed predictions, so the interval resamples seeds and images together" in md
+
+
+def test_yes_ratio_in_both_meanings(tmp_path) -> None:
+    q = pope_questions("llava-1.5")[:300]
+    answers = ["Yes"] * 200 + ["No"] * 100
+    write_cell(tmp_path, "vz", q, answers, experiment=experiment_of("visionzip", 64), budget=64)
+    (config,) = report.analyse(tmp_path, n_resamples=100).configs
+    md = report.write_report(tmp_path, n_resamples=100).read_text()
+    labels_yes = sum(x["label"] == "yes" for x in q) / len(q)
+    assert "| pred. yes-ratio | label yes-ratio |" in md
+    assert f"| {200 / 300:.3f} | {labels_yes:.3f} |" in md
+    assert "which is what lmms-eval's pope task reports as yes_ratio" in md
+    rows = read_csv(tmp_path / "report" / "cells.csv")
+    assert float(rows[0]["llava/pooled_yes_ratio"]) == pytest.approx(200 / 300)
+    assert float(rows[0]["llava/label_yes_ratio"]) == pytest.approx(labels_yes)

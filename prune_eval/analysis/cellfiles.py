@@ -95,6 +95,7 @@ class CellData:
     label: np.ndarray  # (N,) 'yes' / 'no'
     pred: dict  # parsing rule -> (N,) 'yes' / 'no' / 'other'
     visual_tokens: float | None  # mean over records; None when not recorded (ingested answers)
+    numerics: dict | None = None  # part file -> the runtime numerics in its footer (None: not recorded)
 
 
 # The parts of summary.json the report reads, and what each must be when present (None = absent).
@@ -103,7 +104,7 @@ SUMMARY_SHAPE = {
     "cell": str,
     "experiment": {"method": {"name": str, "params": dict}, "model": dict, "data": {"splits": STR_LIST}, "quant": dict},
     "method": {"name": str, "params": dict},
-    "model": dict, "data": dict, "config": dict, "compute": dict,
+    "model": dict, "data": dict, "config": dict, "compute": dict, "numerics": dict,
     "ingested": {"model_ids": STR_LIST},
 }
 
@@ -193,4 +194,5 @@ def load_cell(cell_dir: Path) -> CellData | str:
         label=label,
         pred=pred,
         visual_tokens=float(np.mean(tokens)) if tokens else None,
+        numerics=read.numerics,
     )

@@ -9,6 +9,12 @@ the same records, metrics and paired statistics as our own cells. The answer fil
 - POPE's own `coco_pope_<split>.json` files (--questions is their folder); answers then name their
   split with a `category` field, or the whole file is one split (--split).
 Every question must be answered exactly once; anything else is an error naming the line.
+
+Metadata (`--model llava-1.5-7b --method sparsevlm --version v1.5 --budget 64 [--quant fp16]
+[--preprocess pad]`, validated against conf/'s choices by prune_eval.analysis.choices) go into the
+cell's experiment, so the report matches the answers with the published numbers and with our own cells
+of the same configuration, and puts them into the reconciliation. `--pope-version` names the POPE
+question-file version (detected from checksums by default).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 from pathlib import Path
 
 from prune_eval import records
-from prune_eval.analysis import metrics
+from prune_eval.analysis import choices, metrics
 from prune_eval.analysis.cellfiles import CELL_FILE, SUMMARY
 from prune_eval.data import pope
 from prune_eval.errors import PruneEvalError
@@ -37,7 +43,7 @@ def detect_version(label_dir: Path, splits: tuple[str, ...]) -> str:
     pope.check_files_exist(label_dir, splits, None)
     version, checksums = pope.identify_version(label_dir, splits)
     if version is None:
-        raise PruneEvalError(f"the POPE files in {label_dir} match no known version (sha256 {checksums}); pass --version and --allow-unknown-version")
+        raise PruneEvalError(f"the POPE files in {label_dir} match no known version (sha256 {checksums}); pass --pope-version and --allow-unknown-version")
     return version
 
 
@@ -72,10 +78,27 @@ def match_answers(answers: list[dict], questions: list[pope.Question], *, llava_
     return [matched[q.key] for q in questions]
 
 
+def metadata_fields(metadata: dict | None) -> dict:
+    """The experiment fields an answer file's metadata (choices.check_metadata) gives it."""
+    metadata = metadata or {}
+    fields: dict = {}
+    if metadata.get("model"):
+        fields["model"] = {"name": metadata["model"]}
+    if metadata.get("method"):
+        params = {k: metadata[k] for k in ("version", "budget") if metadata.get(k) is not None}
+        fields["method"] = {"name": metadata["method"], "version": None, "params": params}
+    if metadata.get("quant"):
+        fields["quant"] = {"name": metadata["quant"]}
+    if metadata.get("preprocess"):
+        fields["preprocess"] = metadata["preprocess"]
+    return fields
+
+
 def ingest(questions_path: Path, label_dir: Path, answers_path: Path, *, name: str, out: Path,
            version: str | None = None, split: str | None = None, splits: tuple[str, ...] = pope.SPLITS,
-           allow_unknown_version: bool = False) -> Path:
-    """Write the cell `out/name` from an answer file; returns the cell directory."""
+           allow_unknown_version: bool = False, metadata: dict | None = None) -> Path:
+    """Write the cell `out/name` from an answer file; returns the cell directory. `version` is the
+    POPE question-file version; `metadata` (choices.check_metadata) what produced the answers."""
     llava_format = questions_path.is_file()
     if split is not None:
         splits = (split,)
@@ -100,15 +123,17 @@ def ingest(questions_path: Path, label_dir: Path, answers_path: Path, *, name: s
     ]
     records.write_part(cell_dir, cell_records)
     model_ids = sorted({str(a.get("model_id")) for _, a in pairs if a.get("model_id")})
-    experiment = {"ingested": name, "answers_sha256": records.sha256_file(answers_path), "data": {"name": "pope", "version": version, "splits": list(splits)}}
+    experiment = {"ingested": name, "answers_sha256": records.sha256_file(answers_path),
+                  "data": {"name": "pope", "version": version, "splits": list(splits)}, **metadata_fields(metadata)}
     records.atomic_write_json(cell_dir / CELL_FILE, {"name": name, "experiment": experiment})
     records.atomic_write_json(cell_dir / SUMMARY, {
         "status": "complete",
         "schema_version": records.SCHEMA_VERSION,
         "cell": name,
         "experiment": experiment,
-        "ingested": {"answers": str(answers_path), "answers_sha256": experiment["answers_sha256"], "model_ids": model_ids},
-        "method": {"name": name, "version": None, "params": {}},
+        "ingested": {"answers": str(answers_path), "answers_sha256": experiment["answers_sha256"], "model_ids": model_ids,
+                     "metadata": {k: v for k, v in (metadata or {}).items() if v is not None}},
+        "method": experiment.get("method") or {"name": name, "version": None, "params": {}},
         "data": provenance,
         "metrics": metrics.record_metrics(cell_records, list(splits)),
         "n_questions": len(cell_records),
@@ -135,18 +160,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--answers", required=True, type=Path, help="answer file: JSON lines with question_id and text")
     parser.add_argument("--name", required=True, help="cell name (a folder under --out)")
     parser.add_argument("--out", required=True, type=Path, help="sweep directory to write the cell into")
-    parser.add_argument("--version", choices=sorted(pope.KNOWN_VERSIONS), help="POPE version (default: detected from checksums)")
+    parser.add_argument("--pope-version", choices=sorted(pope.KNOWN_VERSIONS), help="POPE question-file version (default: detected from checksums)")
     parser.add_argument("--split", choices=pope.SPLITS, help="the answers cover this split only (POPE-format ids)")
     parser.add_argument("--allow-unknown-version", action="store_true")
+    what = parser.add_argument_group("what produced the answers (matches them with published numbers and our own cells)")
+    what.add_argument("--model", help="the model, as conf/model names it (e.g. llava-1.5-7b; llava-1.5-7b-original for LLaVA's own layout)")
+    what.add_argument("--method", help="the pruning method, as conf/method names it (e.g. visionzip, sparsevlm)")
+    what.add_argument("--version", help="the method's algorithm version (sparsevlm: v1, v1.5, v2)")
+    what.add_argument("--budget", type=int, help="the visual-token budget (for SparseVLM its nominal 32-layer average)")
+    what.add_argument("--quant", help="dtype/quantization, as conf/quant names it (fp16, bf16, int8, ...)")
+    what.add_argument("--preprocess", help="image preprocessing, as conf/preprocess names it (pad, crop)")
     args = parser.parse_args(argv)
     try:
+        if args.version in pope.KNOWN_VERSIONS:
+            raise PruneEvalError(f"--version {args.version} is a POPE question-file version; that is --pope-version now "
+                                 "(--version is the method's algorithm version)")
+        metadata = choices.check_metadata(model=args.model, method=args.method, version=args.version, budget=args.budget,
+                                          quant=args.quant, preprocess=args.preprocess)
         label_dir = args.labels or (args.questions if args.questions.is_dir() else None)
         if label_dir is None:
             raise PruneEvalError("--labels is required with a llava_pope_test.jsonl question file (a folder of coco_pope_<split>.json)")
         if not args.questions.exists():
             raise PruneEvalError(f"question file not found: {args.questions}")
-        cell_dir = ingest(args.questions, label_dir, args.answers, name=args.name, out=args.out, version=args.version,
-                          split=args.split, allow_unknown_version=args.allow_unknown_version)
+        cell_dir = ingest(args.questions, label_dir, args.answers, name=args.name, out=args.out, version=args.pope_version,
+                          split=args.split, allow_unknown_version=args.allow_unknown_version, metadata=metadata)
     except PruneEvalError as e:
         print(f"prune_eval.ingest: error: {e}", file=sys.stderr)
         sys.exit(2)

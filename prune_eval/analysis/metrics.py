@@ -11,8 +11,12 @@ Conventions (facts: ../shared/notes/pope.md):
   "other", wrong for accuracy and ignored by precision and recall.
 - Aggregation. The papers' POPE number is the mean over splits of per-split F1 (`mean_f1`);
   lmms-eval's `pope` task pools all questions into one F1 (`pooled_f1`); some reproductions report
-  accuracy. `yes_ratio` is the share of predictions that are "yes" (LLaVA's definition; lmms-eval
-  computes it from the labels, always 0.5 on balanced POPE).
+  accuracy.
+- Yes-ratio, two quantities under one name. `yes_ratio` (per split) and `pooled_yes_ratio` (all
+  questions) are the share of PREDICTIONS that are "yes": LLaVA's eval_pope.py "yes ratio", a
+  property of the model (a low one means it says "no" too often). `label_yes_ratio` is the share of
+  LABELS that are "yes": what lmms-eval's pope task reports as `yes_ratio` (0.5 on balanced POPE
+  whatever the model answers, ../shared/notes/pope.md). The report names them apart.
 
 Confusion counts have a trailing axis of length 6 in the order of `COUNT_FIELDS`:
 TP, FP, TN, FN, then label-yes/pred-other and label-no/pred-other (non-zero only under `exact`).
@@ -132,7 +136,13 @@ def f1(counts: np.ndarray) -> np.ndarray:
 
 
 def yes_ratio(counts: np.ndarray) -> np.ndarray:
+    """Share of predictions that are 'yes' (LLaVA's yes ratio)."""
     return _ratio(counts[..., TP] + counts[..., FP], counts.sum(-1))
+
+
+def label_yes_ratio(counts: np.ndarray) -> np.ndarray:
+    """Share of LABELS that are 'yes': lmms-eval's pope `yes_ratio` (not a property of the model)."""
+    return _ratio(counts[..., TP] + counts[..., FN] + counts[..., OTHER_YES], counts.sum(-1))
 
 
 SPLIT_METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -141,6 +151,7 @@ SPLIT_METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "recall": recall,
     "f1": f1,
     "yes_ratio": yes_ratio,
+    "label_yes_ratio": label_yes_ratio,
 }
 
 
@@ -163,11 +174,23 @@ def pooled_accuracy(counts: np.ndarray) -> np.ndarray:
     return accuracy(counts.sum(-2))
 
 
+def pooled_yes_ratio(counts: np.ndarray) -> np.ndarray:
+    """Share of all questions (every split) answered 'yes'."""
+    return yes_ratio(counts.sum(-2))
+
+
+def pooled_label_yes_ratio(counts: np.ndarray) -> np.ndarray:
+    """Share of all questions whose label is 'yes' (lmms-eval's `yes_ratio`)."""
+    return label_yes_ratio(counts.sum(-2))
+
+
 AGGREGATE_METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mean_f1": mean_f1,
     "pooled_f1": pooled_f1,
     "mean_accuracy": mean_accuracy,
     "pooled_accuracy": pooled_accuracy,
+    "pooled_yes_ratio": pooled_yes_ratio,
+    "label_yes_ratio": pooled_label_yes_ratio,
 }
 
 

@@ -1,4 +1,5 @@
-"""The report's figures as PNG bytes: a forest plot of gaps, score vs budget, per-split bars.
+"""The report's figures as PNG bytes: the reconciliation walk, a forest plot of gaps, score vs budget
+(with at least two budgets), per-split bars from 0 with their intervals.
 
 Why bytes: the report writes each figure to a file AND embeds it in report.html as base64, so the
 HTML is one self-contained file. Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas
@@ -37,6 +38,16 @@ class Series:
     lows: tuple
     highs: tuple
     published: tuple = field(default_factory=tuple)  # ((budget, value), ...)
+
+
+@dataclass(frozen=True)
+class Walk:
+    """One reconciliation: ((label, 'total' | 'step', points), ...) from the published gap to the
+    measured one, and the measured gap's 95% interval (points)."""
+
+    title: str
+    steps: tuple
+    interval: tuple
 
 
 def _figure(width: float, height: float):
@@ -102,19 +113,59 @@ def budget_curves(series: Sequence[Series], references: Sequence[tuple[str, floa
     return _png(fig)
 
 
-def split_bars(labels: Sequence[str], splits: Sequence[str], values: np.ndarray) -> bytes:
-    """F1 per split (LLaVA rule) for each configuration: (n_configs, n_splits) points."""
+def split_bars(labels: Sequence[str], splits: Sequence[str], values: np.ndarray, errors: np.ndarray | None = None) -> bytes:
+    """F1 per split (LLaVA rule) for each configuration: values (n_configs, n_splits) points; errors
+    (2, n_configs, n_splits) below/above (NaN: none). Bars start at 0: their length is the value."""
     values = np.asarray(values, dtype=float)
     fig = _figure(max(6.0, 0.7 * len(labels) * max(1, len(splits)) / 2 + 2), 4.5)
     ax = fig.add_subplot()
     x = np.arange(len(labels))
     width = 0.8 / max(1, len(splits))
     for s, split in enumerate(splits):
-        ax.bar(x + (s - (len(splits) - 1) / 2) * width, values[:, s], width, label=split)
+        err = None if errors is None else np.nan_to_num(np.asarray(errors)[:, :, s])
+        ax.bar(x + (s - (len(splits) - 1) / 2) * width, values[:, s], width, label=split, yerr=err, capsize=2,
+               error_kw={"linewidth": 0.8})
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("F1 (LLaVA rule), points")
-    low = np.nanmin(values) if values.size else 0
-    ax.set_ylim(max(0.0, low - 10), 100)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("F1 (LLaVA rule), points; 95% image-cluster CI")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def reconciliation(walks: Sequence[Walk]) -> bytes:
+    """A waterfall per reconciliation: totals (published gap, published for the versions run,
+    measured) as bars from 0, each axis as a floating bar from the running total; the measured gap
+    with its 95% interval."""
+    fig = _figure(8.5, 0.8 + 2.8 * max(1, len(walks)))
+    for k, walk in enumerate(walks):
+        ax = fig.add_subplot(len(walks), 1, k + 1)
+        running, labels, ends = 0.0, [], [0.0, *walk.interval]
+        for i, (label, kind, value) in enumerate(walk.steps):
+            if kind == "total":
+                colour = "tab:blue" if label == "measured" else "tab:gray"
+                ax.bar(i, value, color=colour, width=0.6)
+                top, running = value, value
+            else:
+                ax.bar(i, value, bottom=running, color="tab:green" if value >= 0 else "tab:red", width=0.6)
+                running += value
+                top = running
+            ends += [top, top - value]
+            up = top >= 0 if kind == "total" else value >= 0
+            ax.annotate(f"{value:+.2f}", (i + (0.33 if label == "measured" else 0), top), xytext=(0, 4 if up else -4),
+                        textcoords="offset points", ha="left" if label == "measured" else "center",
+                        va="bottom" if up else "top", fontsize=8)
+            labels.append(label.replace(", ", ",\n"))
+        low, high = walk.interval
+        measured = walk.steps[-1][2]
+        ax.errorbar(len(walk.steps) - 1, measured, yerr=[[measured - low], [high - measured]], color="black", capsize=4,
+                    linewidth=1, label="measured 95% CI")
+        ax.axhline(0, color="black", linewidth=0.8)
+        pad = 0.18 * (max(ends) - min(ends) or 1.0)  # room for the labels (bars' sticky edges defeat margins)
+        ax.set_ylim(min(ends) - pad, max(ends) + pad)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_ylabel("gap A - B, points", fontsize=8)
+        ax.set_title(walk.title + " (grey: published; red/green: an axis' effect; blue: measured)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
     return _png(fig)

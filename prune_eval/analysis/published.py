@@ -7,11 +7,19 @@ VisionZip's table compares against) and v1.5 (the ICML paper) are different algo
 
 Every value is the papers' POPE metric: the mean over the adversarial, popular and random splits of
 per-split F1 under LLaVA's parsing rule, x 100 (../shared/notes/pope.md; SparseVLM's eval_pope.py
-prints the same). The values were transcribed into the project's fact sheets
-(../shared/notes/visionzip.md, sparsevlm.md) from the papers; `from_fact_sheet` says so for each
-source, and `note` says what the fact sheet itself warns about. The arXiv ids were checked against
-arXiv listings (not part of the fact sheets). The papers evaluate with LLaVA's scripts, which use the
+prints the same). `Source.via` says where each number was read: the project's fact sheets
+(../shared/notes/visionzip.md, sparsevlm.md, transcribed from the papers) or, for SparseVLM's own
+first table (with its FastV and ToMe rows), the official project page's HTML table
+(leofan90/SparseVLMs.github.io index.html, commit 4776f93, 2024-10-13), which matches the VisionZip
+table's copies. SparseVLM's ICML version (arXiv v4) re-ran its baselines; its FastV rows are NOT here,
+because no stored copy of that table could be read (only v1.5's own rows, from the fact sheet). The
+arXiv ids were checked against arXiv listings. The papers evaluate with LLaVA's scripts, which use the
 8910-question POPE files LLaVA pins (an inference from the scripts, not a statement in the papers).
+
+"The gap as published" is two values from ONE table (`published_pair`): VisionZip's Table 1 prints
+VisionZip 77.0 next to SparseVLM 75.1, and that 75.1 is SparseVLM v1's. The gap for the versions a
+user actually ran takes each value from wherever that version is published (`lookup`), which may
+be two papers: the reconciliation (prune_eval.analysis.reconcile) walks from one to the other.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MODEL = "llava-1.5-7b"  # prune_eval's model name for liuhaotian/llava-v1.5-7b and llava-hf's copy
+PAPER_MODEL = "llava-1.5-7b-original"  # the layout and tokenizer the papers ran (LLaVA's own code)
 # The papers ran LLaVA's evaluation scripts: fp16, pad-to-square preprocessing, the 8910 pinned POPE
 # questions (notes/pope.md, notes/visionzip.md). A cell run otherwise is still shown next to the
 # paper's value, with the difference named.
@@ -32,11 +41,12 @@ class Source:
     paper: str
     table: str
     arxiv: str
-    from_fact_sheet: str  # the project note the number was taken from
+    via: str  # where the numbers were read: a project fact sheet or an official page (with its commit)
     note: str = ""
+    short: str = ""  # for sentences: "VisionZip Table 1"
 
     def citation(self) -> str:
-        return f"{self.paper}, {self.table} (arXiv:{self.arxiv}; via {self.from_fact_sheet})"
+        return f"{self.paper}, {self.table} (arXiv:{self.arxiv}; read from {self.via})"
 
 
 @dataclass(frozen=True)
@@ -57,11 +67,16 @@ SOURCES = {
         Source("visionzip-t1", "Yang et al., VisionZip (CVPR 2025)", "Table 1 (LLaVA-1.5-7B)", "2412.04467",
                "notes/visionzip.md",
                "VisionZip issue #22: some baseline rows were copied from the SparseVLM paper; the 192-token "
-               "VisionZip value appears as 85.2 in some copies"),
+               "VisionZip value appears as 85.2 in some copies", "VisionZip Table 1"),
+        Source("sparsevlm-v1-t1", "Zhang et al., SparseVLM (arXiv v1, 2024-10)", "Table 1 (LLaVA-1.5-7B)", "2410.04417",
+               "the official project page leofan90/SparseVLMs.github.io, index.html at commit 4776f93 (2024-10-13)",
+               "the FastV rows are disputed in Gumpest/SparseVLMs issue #12 (FastV's official code scored much higher at "
+               "a comparable token count); the table does not say what 64/128/192 tokens mean for FastV (tokens kept "
+               "after layer K, or an average over the 32 layers)", "SparseVLM v1 Table 1"),
         Source("sparsevlm-v1.5-t1", "Zhang et al., SparseVLM (ICML 2025)", "Table 1 (arXiv v4)", "2410.04417",
-               "notes/sparsevlm.md"),
+               "notes/sparsevlm.md", short="SparseVLM ICML Table 1"),
         Source("sparsevlm-v1.5-t4", "Zhang et al., SparseVLM (ICML 2025)", "Table 4 (token recycling ablation)",
-               "2410.04417", "notes/sparsevlm.md"),
+               "2410.04417", "notes/sparsevlm.md", short="SparseVLM ICML Table 4"),
     )
 }
 
@@ -83,6 +98,11 @@ TABLE: list[Published] = [
     *_row("tome", None, {192: 72.4, 128: 62.8, 64: 52.5}, "visionzip-t1"),
     *_row("fastv", None, {192: 64.8, 128: 59.6, 64: 48.0}, "visionzip-t1"),
     *_row("pdrop", None, {192: 82.3, 128: 82.3, 64: 55.9}, "visionzip-t1"),
+    # SparseVLM's first table: the same values as VisionZip's copies (which took them from it)
+    Published("vanilla", None, None, 85.9, "sparsevlm-v1-t1", variant="576 tokens"),
+    *_row("sparsevlm", "v1", {192: 83.6, 128: 80.5, 64: 75.1}, "sparsevlm-v1-t1", variant="2024.10 release"),
+    *_row("fastv", None, {192: 64.8, 128: 59.6, 64: 48.0}, "sparsevlm-v1-t1"),
+    *_row("tome", None, {192: 72.4, 128: 62.8, 64: 52.5}, "sparsevlm-v1-t1"),
 ]
 
 
@@ -94,22 +114,52 @@ def normalize_version(version: object) -> str | None:
     return text if text.startswith("v") else f"v{text}"
 
 
+def base_model(model: str | None) -> str | None:
+    """llava-1.5-7b-original (LLaVA's layout) is the same model as llava-1.5-7b (llava-hf's copy)."""
+    return model.removesuffix("-original") if isinstance(model, str) else model
+
+
+def _matches(entry: Published, model: str, method: str, version: object, budget, params: dict) -> bool:
+    if base_model(entry.model) != base_model(model) or entry.method != method or normalize_version(entry.version) != normalize_version(version):
+        return False
+    if entry.budget is not None and entry.budget != budget:
+        return False
+    return all(params.get(k, True) == v for k, v in entry.requires.items())
+
+
 def lookup(model: str, method: str, version: object, budget: int | None, params: dict) -> Published | None:
     """The published value for this model, method, algorithm version and budget, if there is one."""
-    version = normalize_version(version)
-    for entry in TABLE:
-        if entry.model != model or entry.method != method or normalize_version(entry.version) != version:
-            continue
-        if entry.budget is not None and entry.budget != budget:
-            continue
-        if all(params.get(k, True) == v for k, v in entry.requires.items()):
-            return entry
+    return next((e for e in TABLE if _matches(e, model, method, version, budget, params)), None)
+
+
+def sources_of(entry: Published) -> list[str]:
+    """Every source that prints this value for this row (the first is `entry.source`)."""
+    same = [e.source for e in TABLE if (e.model, e.method, normalize_version(e.version), e.budget, e.variant, e.value)
+            == (entry.model, entry.method, normalize_version(entry.version), entry.budget, entry.variant, entry.value)]
+    return list(dict.fromkeys([entry.source, *same]))
+
+
+def published_pair(method_a: str, method_b: str, budget) -> tuple[Published, Published] | None:
+    """Both methods' values at this budget from ONE table: the gap as a paper printed it. Plain rows
+    only (no fine-tuned or ablation variants); the first source in SOURCES order that has both."""
+    for source in SOURCES:
+        rows = [e for e in TABLE if e.source == source and not e.variant.startswith(("fine-tuned", "without")) and e.model == MODEL]
+        a = next((e for e in rows if e.method == method_a and e.budget in (None, budget)), None)
+        b = next((e for e in rows if e.method == method_b and e.budget in (None, budget)), None)
+        if a and b and not (a.budget is None and b.budget is None):
+            return a, b
     return None
 
 
+def versions_published(method: str) -> list[str]:
+    """The algorithm versions with a published number (e.g. ['v1', 'v1.5'] for sparsevlm)."""
+    return sorted({normalize_version(e.version) for e in TABLE if e.method == method and e.version})
+
+
 def setup_differences(info: dict) -> list[str]:
-    """How a cell's setup departs from the papers' (e.g. ['quant int8']); `info` as report.describe."""
-    return [f"{k} {info.get(k)}" for k, v in PAPER_SETUP.items() if str(info.get(k)) != v]
+    """How a cell's setup departs from the papers' (e.g. ['quant int8']); `info` as configs.describe."""
+    return [f"{k} {'not recorded' if info.get(k) in ('?', None) else info.get(k)}" for k, v in PAPER_SETUP.items()
+            if str(info.get(k)) != v]
 
 
 def label(entry: Published) -> str:

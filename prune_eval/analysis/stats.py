@@ -28,6 +28,7 @@ p-value rules (the notes, "Paired bootstrap" and "Paired permutation"):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from scipy.stats import norm
 from statsmodels.stats.contingency_tables import mcnemar as _sm_mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from prune_eval.analysis.metrics import COUNT_FIELDS, FN, FP, OTHER_NO, OTHER_YES, TN, TP
+from prune_eval.analysis.metrics import COUNT_FIELDS, FN, FP, OTHER_NO, OTHER_YES, TN, TP, recall
 
 __all__ = [
     "BootstrapResult",
@@ -45,9 +46,12 @@ __all__ = [
     "HolmResult",
     "McNemarResult",
     "PairedDifference",
+    "PairedSeedIntervalResult",
     "PermutationResult",
     "SeedIntervalResult",
     "SeedSummary",
+    "ShareResult",
+    "cluster_share_interval",
     "clustered_standard_error",
     "holm",
     "mcnemar_exact",
@@ -56,6 +60,7 @@ __all__ = [
     "paired_cluster_bootstrap",
     "paired_cluster_permutation_test",
     "paired_difference",
+    "paired_seed_and_question_interval",
     "question_counts",
     "seed_and_question_interval",
     "seed_summary",
@@ -145,6 +150,31 @@ class SeedIntervalResult:
     bootstrap_distribution: np.ndarray  # (B,)
     per_seed: np.ndarray  # (K,) metric of each seed
     n_seeds: int
+    n_clusters: int
+
+
+@dataclass(frozen=True)
+class PairedSeedIntervalResult:
+    """mean_k metric(A_k) - mean_j metric(B_j) over each side's seeds, images and seeds resampled."""
+
+    estimate: float
+    confidence_interval: ConfidenceInterval
+    standard_error: float
+    bootstrap_distribution: np.ndarray  # (B,)
+    per_seed_a: np.ndarray  # (K_a,)
+    per_seed_b: np.ndarray  # (K_b,)
+    n_clusters: int
+
+
+@dataclass(frozen=True)
+class ShareResult:
+    """A share of questions (e.g. answers equal to vanilla's) with an image-cluster bootstrap interval."""
+
+    estimate: float
+    confidence_interval: ConfidenceInterval  # percentile; inside [0, 1]
+    standard_error: float  # bootstrap SE
+    clustered_standard_error: float  # Miller's Eq. 4, for comparison
+    n_questions: int
     n_clusters: int
 
 
@@ -292,6 +322,30 @@ def _cluster_weights(rng: np.random.Generator, n_clusters: int, size: int) -> np
     return weights.reshape(size, n_clusters).astype(float)
 
 
+@functools.lru_cache(maxsize=2)
+def _seeded_first_weights(seed: int, n_clusters: int, size: int) -> tuple[np.ndarray, dict]:
+    rng = np.random.default_rng(seed)
+    weights = _cluster_weights(rng, n_clusters, size)
+    weights.setflags(write=False)
+    return weights, rng.bit_generator.state
+
+
+def _first_weights(rng: RngLike, n_clusters: int, size: int) -> tuple[np.ndarray, np.random.Generator]:
+    """The first (size, C) cluster weights drawn from `rng`, and the generator to continue with.
+
+    Exactly `_cluster_weights(_as_generator(rng), ...)`; an int seed's draw is cached (with the
+    generator state after it), because a report resamples the same 500 images with the same seed
+    hundreds of times and drawing the weights dominated its run time.
+    """
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        weights, state = _seeded_first_weights(int(rng), n_clusters, size)
+        generator = np.random.default_rng()
+        generator.bit_generator.state = state
+        return weights, generator
+    generator = _as_generator(rng)
+    return _cluster_weights(generator, n_clusters, size), generator
+
+
 def _weighted_totals(weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Counts of each resample: (B, C) @ (C, S*6) -> (B, S, 6)."""
     c, s, f = counts.shape
@@ -360,12 +414,14 @@ def paired_cluster_bootstrap(
     batch = _check_int("batch", batch, 1, allow_none=True)
     confidence_level = _check_fraction("confidence_level", confidence_level)
     method = _check_choice("method", method, BOOTSTRAP_METHODS)
-    rng = _as_generator(rng)
 
     estimate = float(_evaluate(metric, a.sum(0)) - _evaluate(metric, b.sum(0)))
     parts = []
-    for size in _batch_sizes(n_resamples, batch):
-        weights = _cluster_weights(rng, a.shape[0], size)  # (b, C)
+    for k, size in enumerate(_batch_sizes(n_resamples, batch)):
+        if k == 0:
+            weights, rng = _first_weights(rng, a.shape[0], size)  # (b, C)
+        else:
+            weights = _cluster_weights(rng, a.shape[0], size)
         parts.append(
             _evaluate(metric, _weighted_totals(weights, a))
             - _evaluate(metric, _weighted_totals(weights, b))
@@ -689,6 +745,15 @@ def _check_seed_counts(counts_by_seed: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(arrays)
 
 
+def _seed_replicates(stack: np.ndarray, cluster_w: np.ndarray, rng: np.random.Generator, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+    """Per-seed metric (K,) and the bootstrap replicates (B,): each replicate's drawn clusters
+    (`cluster_w` (B, C)) summed for every seed, then averaged over seeds drawn with replacement."""
+    k, c, s, f = stack.shape  # (K, C, S, 6)
+    seed_w = _cluster_weights(rng, k, len(cluster_w)) / k  # (B, K), rows sum to 1
+    totals = (cluster_w @ stack.transpose(1, 0, 2, 3).reshape(c, k * s * f)).reshape(len(cluster_w), k, s, f)
+    return _evaluate(metric, stack.sum(1)), np.sum(_evaluate(metric, totals) * seed_w, axis=1)
+
+
 def seed_and_question_interval(
     counts_by_seed: Sequence[np.ndarray],
     *,
@@ -711,15 +776,9 @@ def seed_and_question_interval(
     metric = _check_metric(metric)
     n_resamples = _check_int("n_resamples", n_resamples, 2)
     confidence_level = _check_fraction("confidence_level", confidence_level)
-    rng = _as_generator(rng)
-
-    n_seeds, n_clusters, s, f = stack.shape
-    per_seed = _evaluate(metric, stack.sum(1))  # (K, S, 6) -> (K,)
-    cluster_w = _cluster_weights(rng, n_clusters, n_resamples)  # (B, C)
-    seed_w = _cluster_weights(rng, n_seeds, n_resamples) / n_seeds  # (B, K), rows sum to 1
-    by_cluster = stack.transpose(1, 0, 2, 3).reshape(n_clusters, n_seeds * s * f)
-    totals = (cluster_w @ by_cluster).reshape(n_resamples, n_seeds, s, f)  # (B, C) @ (C, K*S*6)
-    distribution = np.sum(_evaluate(metric, totals) * seed_w, axis=1)  # (B, K) -> (B,)
+    n_seeds, n_clusters = stack.shape[:2]
+    cluster_w, rng = _first_weights(rng, n_clusters, n_resamples)  # (B, C)
+    per_seed, distribution = _seed_replicates(stack, cluster_w, rng, metric)
     alpha = (1 - confidence_level) / 2
     estimate = float(per_seed.mean())
     return SeedIntervalResult(
@@ -731,3 +790,77 @@ def seed_and_question_interval(
         n_seeds=n_seeds,
         n_clusters=n_clusters,
     )
+
+
+def paired_seed_and_question_interval(
+    counts_a_by_seed: Sequence[np.ndarray],
+    counts_b_by_seed: Sequence[np.ndarray],
+    *,
+    metric: Metric,
+    n_resamples: int = 10_000,
+    confidence_level: float = 0.95,
+    rng: RngLike = None,
+) -> PairedSeedIntervalResult:
+    """Percentile interval for a gap between two configurations whose seeds change predictions.
+
+    Estimator: mean over A's K_a seeds of metric(A_k) minus mean over B's K_b seeds of metric(B_j)
+    (K_b = 1 for a configuration computed once, e.g. a method that does not use the seed). Each
+    replicate draws images once for both sides (paired: the same questions) and, independently, each
+    side's seeds with replacement (the two sides' seeds are separate sources of randomness; a seed
+    number shared by two methods couples nothing). It is `seed_and_question_interval` applied to a
+    difference (Owen 2007's pigeonhole bootstrap, mildly conservative); with one seed per side its
+    replicates are `paired_cluster_bootstrap`'s for the same rng. Calibrated by simulation in
+    tests/test_stats.py.
+    """
+    a = _check_seed_counts(counts_a_by_seed)  # (K_a, C, S, 6)
+    b = _check_seed_counts(counts_b_by_seed)  # (K_b, C, S, 6)
+    _check_same_questions(a[0], b[0], "counts_a_by_seed[0]", "counts_b_by_seed[0]")
+    metric = _check_metric(metric)
+    n_resamples = _check_int("n_resamples", n_resamples, 2)
+    confidence_level = _check_fraction("confidence_level", confidence_level)
+    n_clusters = a.shape[1]
+    cluster_w, rng = _first_weights(rng, n_clusters, n_resamples)  # (B, C), shared by both sides
+
+    per_a, dist_a = _seed_replicates(a, cluster_w, rng, metric)
+    per_b, dist_b = _seed_replicates(b, cluster_w, rng, metric)
+    distribution = dist_a - dist_b
+    estimate = float(per_a.mean() - per_b.mean())
+    alpha = (1 - confidence_level) / 2
+    return PairedSeedIntervalResult(
+        estimate=estimate,
+        confidence_interval=_interval(distribution, estimate, (alpha, 1 - alpha), "percentile"),
+        standard_error=float(np.std(distribution, ddof=1)),
+        bootstrap_distribution=distribution,
+        per_seed_a=per_a,
+        per_seed_b=per_b,
+        n_clusters=n_clusters,
+    )
+
+
+def cluster_share_interval(
+    hits: np.ndarray,
+    clusters: Sequence,
+    *,
+    n_resamples: int = 10_000,
+    confidence_level: float = 0.95,
+    rng: RngLike = None,
+) -> ShareResult:
+    """The share of questions where `hits` is true, with a percentile interval that resamples
+    clusters (images) with all their questions: agreement with vanilla, right->wrong flips, accuracy
+    on a subset. Built on `seed_and_question_interval` with one "seed" (each cluster's hits counted
+    as true positives and misses as false negatives, so the share is recall), so it draws exactly
+    what that bootstrap draws; the interval stays inside [0, 1], which a normal interval from the
+    clustered SE (also returned) does not near 0 or 1.
+    """
+    h = np.asarray(hits)
+    if h.ndim != 1 or len(h) == 0 or not np.all(np.isin(h, (0, 1))):
+        raise ValueError(f"hits must be a non-empty 1-d array of 0/1 (or bool); got shape {h.shape}")
+    index, n_clusters = _cluster_index(clusters, len(h))
+    counts = np.zeros((n_clusters, 1, N_FIELDS))
+    counts[:, 0, TP] = np.bincount(index, weights=h.astype(float), minlength=n_clusters)
+    counts[:, 0, FN] = np.bincount(index, weights=1.0 - h, minlength=n_clusters)
+    res = seed_and_question_interval([counts], metric=lambda c: recall(c[..., 0, :]), n_resamples=n_resamples,
+                                     confidence_level=confidence_level, rng=rng)
+    scores = h.astype(float)
+    clustered = float(np.sqrt(_clustered_variance(scores, index, n_clusters))) if len(h) > 1 else 0.0
+    return ShareResult(float(scores.mean()), res.confidence_interval, res.standard_error, clustered, len(h), n_clusters)

@@ -7,6 +7,11 @@ every `eval.part_size` answers, so a killed job loses at most one part. A failur
 A second process that finds the cell locked leaves it alone ("busy"). `model.json` keeps what the
 model load found out (dtype, quantized modules, commit), so a run killed after its last part but
 before summary.json still gets a complete summary from the rerun, which loads no model.
+
+Numerics: every record part's footer carries the runtime numerics it was computed under
+(`runtime_numerics`). A resumed cell refuses, in one line, to add parts computed under other
+numerics (another device, dtype, kernel set or library version) unless `eval.allow_mixed_numerics`
+is true; summary.json says which numerics produced which parts and whether mixing was allowed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import platform
 import socket
 import time
 import traceback
@@ -34,7 +40,7 @@ from prune_eval.data import load_dataset
 from prune_eval.data.pope import Question
 from prune_eval.execution.engine import Answer, EvalSettings, evaluate_reference
 from prune_eval.execution.fast import evaluate_fast
-from prune_eval.models.llm import attention_kernels
+from prune_eval.models.llm import ATTENTION_BACKENDS, attention_kernels
 from prune_eval.errors import PruneEvalError
 from prune_eval.provenance import environment
 
@@ -95,11 +101,59 @@ def answer_record(answer: Answer) -> dict:
     }
 
 
-class PartWriter:
-    """Buffers records and writes a part every `part_size` of them."""
+def runtime_numerics(settings: EvalSettings, device: torch.device, dtype: torch.dtype) -> dict:
+    """What actually computes a part, beyond the configured numerics in the cell's identity: the
+    evaluation path used, device type and name, dtype, the SDPA kernels allowed
+    (models.llm.attention_kernels), compile, torch and transformers versions."""
+    import transformers
 
-    def __init__(self, cell_dir: Path, part_size: int, progress=None) -> None:
-        self.cell_dir, self.part_size, self.progress = cell_dir, part_size, progress
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine() or device.type
+    return {"path": "fast" if settings.fast else "reference", "device_type": device.type, "device_name": name,
+            "dtype": str(dtype).removeprefix("torch."), "attention_kernels": list(ATTENTION_BACKENDS),
+            "compile": bool(settings.compile), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def numerics_difference(here: dict, there: dict | None) -> str:
+    """'device_name: NVIDIA A100 here, NVIDIA H100 there; torch: ...' ('' when equal)."""
+    if there is None:
+        return "not recorded there (written before numerics were recorded)"
+    keys = sorted(set(here) | set(there), key=lambda k: (k not in here, k))
+    return "; ".join(f"{k}: {here.get(k)} here, {there.get(k)} there" for k in keys if here.get(k) != there.get(k))
+
+
+def check_numerics(cell_dir: Path, numerics: dict, *, allow_mixed: bool) -> None:
+    """Refuse to add parts computed under other runtime numerics than the cell's existing parts."""
+    existing = records.read_records(cell_dir).numerics
+    other = {name: numerics_difference(numerics, found) for name, found in existing.items() if found != numerics}
+    if not other or allow_mixed:
+        if other:
+            log.warning("cell %s: mixing numerics as allowed by eval.allow_mixed_numerics: %s", cell_dir.name, next(iter(other.values())))
+        return
+    name, difference = next(iter(sorted(other.items())))
+    raise PruneEvalError(f"{cell_dir.name}: {len(other)} record part(s) were computed under other numerics ({name}: {difference}); "
+                         "resuming would mix them in one cell: resume where they were computed, remove the cell's records/ to "
+                         "recompute it here, or set eval.allow_mixed_numerics=true (recorded in summary.json)")
+
+
+def numerics_summary(cell_dir: Path, configured: dict | None, allow_mixed: bool) -> dict:
+    """For summary.json: the configured numerics, each distinct runtime numerics with its parts."""
+    groups: list[dict] = []
+    for name, found in sorted(records.read_records(cell_dir).numerics.items()):
+        group = next((g for g in groups if g["numerics"] == found), None)
+        if group is None:
+            groups.append(group := {"numerics": found, "parts": []})
+        group["parts"].append(name)
+    return {"configured": configured, "runtime": groups, "mixed": len(groups) > 1, "allow_mixed": allow_mixed}
+
+
+class PartWriter:
+    """Buffers records and writes a part every `part_size` of them, each with its runtime numerics."""
+
+    def __init__(self, cell_dir: Path, part_size: int, progress=None, numerics: dict | None = None) -> None:
+        self.cell_dir, self.part_size, self.progress, self.numerics = cell_dir, part_size, progress, numerics
         self.buffer: list[dict] = []
 
     def add(self, answers: list[Answer]) -> None:
@@ -112,7 +166,7 @@ class PartWriter:
 
     def flush(self) -> None:
         if self.buffer:
-            records.write_part(self.cell_dir, self.buffer)
+            records.write_part(self.cell_dir, self.buffer, self.numerics)
             self.buffer = []
 
 
@@ -155,17 +209,19 @@ def evaluate_missing(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, a
     precision = precision_of(cfg.quant)
     device = loading.resolve_device(str(cfg.device))
     check_backend(precision, device, (spec.geometry.text_hidden, spec.geometry.text_intermediate))
+    settings = EvalSettings.from_config(cfg.eval)
+    numerics = runtime_numerics(settings, device, precision.dtype)
+    check_numerics(cell_dir, numerics, allow_mixed=bool(cfg.eval.get("allow_mixed_numerics", False)))
     torch.manual_seed(int(cfg.seed))
     bundle = loading.load(cfg.model, dtype=precision.dtype, device=device, quantization_config=precision.quantization_config)
     bundle.info["quantization"] = {"name": precision.name, "scope": cfg.quant.get("scope"), "skipped_modules": precision.skipped_modules,
                                    "n_quantized_modules": len(bundle.info["quantized_modules"])}
     records.atomic_write_json(cell_dir / MODEL_INFO, bundle.info)  # for the summary, should this run die before it
     faults.checkpoint("load")
-    settings = EvalSettings.from_config(cfg.eval)
     if settings.compile:
         bundle.lm = bundle.lm.compiled()
     progress = tqdm(total=len(dataset.questions) - len(answered), desc=spec.name[:40], unit="q", mininterval=5, disable=None)
-    writer = PartWriter(cell_dir, int(cfg.eval.part_size), progress)
+    writer = PartWriter(cell_dir, int(cfg.eval.part_size), progress, numerics)
     evaluate = evaluate_fast if settings.fast else evaluate_reference
     with attention_kernels():
         evaluate(
@@ -208,6 +264,7 @@ def write_summary(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, mode
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "metrics": metrics.record_metrics(verified.records, list(cfg.data.splits)),
         "compute": summarize_compute(verified.records, hidden=spec.geometry.text_hidden, intermediate=spec.geometry.text_intermediate),
+        "numerics": numerics_summary(cell_dir, spec.experiment.get("numerics"), bool(cfg.eval.get("allow_mixed_numerics", False))),
         "n_questions": len(verified.records),
         "records": [{"file": p.name, "sha256": records.sha256_file(p)} for p in records.part_paths(cell_dir)],
         "environment": environment(),

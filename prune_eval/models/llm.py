@@ -277,8 +277,11 @@ def attention_kernels() -> Iterator[None]:
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    with sdpa_kernel([getattr(SDPBackend, name) for name in ATTENTION_BACKENDS]):
         yield
+
+
+ATTENTION_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")  # allowed by attention_kernels; recorded with each part
 
 
 def greedy_tokens(lm: LanguageModel, last_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
