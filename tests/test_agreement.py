@@ -29,7 +29,8 @@ def sweep(tmp_path_factory):
     cells = {
         "vanilla": (experiment_of("vanilla", 576), 0.87),
         "downsample-64": (experiment("downsample", {"visual_tokens": 64, "grid": [8, 8]}), 0.76),
-        "fastv-64": (experiment("fastv", {"budget": 64, "layer": 2, "visual_tokens": 576}), 0.70),
+        "fastv-64": (experiment("fastv", {"budget": 64, "budget_rule": "layer_average", "kept_tokens": 30, "k": 2,
+                                          "visual_tokens": 576}), 0.70),
         "visionzip-64": (experiment_of("visionzip", 64), 0.80),
         "sparsevlm-64": (experiment_of("sparsevlm", 64, version="v1.5"), 0.81),
     }
@@ -114,8 +115,10 @@ def test_report_and_cells_csv_show_agreement_subset_and_fastv(sweep) -> None:
 
 def test_published_fastv_rows_and_their_sources() -> None:
     for budget, value in ((192, 64.8), (128, 59.6), (64, 48.0)):
-        entry = published.lookup("llava-1.5-7b-original", "fastv", None, budget, {})
+        entry = published.lookup("llava-1.5-7b-original", "fastv", None, budget, {"budget_rule": "layer_average"})
         assert entry.value == value and published.sources_of(entry) == ["visionzip-t1", "sparsevlm-v1-t1"]
+        # the tables' FastV budgets are 32-layer averages: a cell keeping `budget` tokens from layer K on is another setting
+        assert published.lookup("llava-1.5-7b-original", "fastv", None, budget, {"budget_rule": "kept"}) is None
     a, b = published.published_pair("visionzip", "fastv", 64)
     assert (a.value, b.value, a.source) == (77.0, 48.0, "visionzip-t1")
     a, b = published.published_pair("visionzip", "sparsevlm", 64)
