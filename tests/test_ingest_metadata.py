@@ -43,7 +43,7 @@ def test_reading_choices_does_not_import_torch() -> None:
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "visonzip", "--budget", "64"],
-     "unknown method 'visonzip'; did you mean 'visionzip'? choices: random, sparsevlm, vanilla, visionzip"),
+     "unknown method 'visonzip'; did you mean 'visionzip'? choices: downsample, fastv, random, sparsevlm, vanilla, visionzip"),
     (["--method", "sparsevlm", "--budget", "64"],
      "--method sparsevlm needs --version (v1, v1.5, v2): its versions are different algorithms with different published numbers"),
     (["--method", "sparsevlm", "--version", "v1.6", "--budget", "64"],
