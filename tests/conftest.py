@@ -49,7 +49,30 @@ def run_cli(args: list[str], cwd: Path, *, module: str = "prune_eval", timeout: 
 FAST_DEMO = ["experiment=demo", "data.n_images=3", "eval.max_new_tokens=3", "eval.batch_size=6", "eval.part_size=6"]
 
 
-# ------------------------------------------------------------------ question-dependent pruning: fast path vs reference path
+# ------------------------------------------------------------------ the fast path against the reference path
+def answers_by_key(path, bundle, method_name, options, budget, questions, answered=frozenset(), method=None, decode_all=False):
+    """Run `path` (engine.evaluate_reference or fast.evaluate_fast) on synthetic images: {question
+    key: Answer}. Reference rows in batches of 5, fast batches of 2 images; 4 new tokens at most;
+    `decode_all`: every question decodes all 4 (no early stop)."""
+    from prune_eval.data import images
+    from prune_eval.execution.engine import EvalSettings
+    from prune_eval.execution.fast import evaluate_fast
+    from prune_eval.methods import get_method
+
+    method = method or get_method(method_name)
+    params = method.resolve(options, budget, bundle.geometry)
+    if path is evaluate_fast:
+        settings = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=not decode_all, fast=True, batch_images=2, batch_tokens=4096)
+    else:
+        settings = EvalSettings(batch_size=REFERENCE_BATCH, max_new_tokens=4, stop_when_decided=not decode_all, fast=False)
+    answers = []
+    path(bundle, method, params, questions, images.synthetic_loader(), preprocess="pad", settings=settings, seed=3,
+         on_answers=answers.extend, answered=answered)
+    return {a.question.key: a for a in answers}
+
+
+REFERENCE_BATCH = 5  # rows per reference-path batch in answers_by_key
+
 @pytest.fixture(scope="session")
 def toy_bundle():
     """The shipped toy LLaVA (6 text layers), fp32 on the CPU."""

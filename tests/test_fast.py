@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_same_answers, recorded_kept_sets, varied_questions
+from conftest import answers_by_key as run
 
 from prune_eval.data import images, synthetic
 from prune_eval.execution.engine import EvalSettings, evaluate_reference
@@ -17,21 +18,7 @@ from prune_eval.execution.engine import generate_rows, tokenized_prompts, visual
 from prune_eval.methods import get_method
 from prune_eval.models.prompt import tokenize_prompts
 
-REFERENCE = EvalSettings(batch_size=5, max_new_tokens=4, stop_when_decided=True, fast=False)
-FAST = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=True, fast=True, batch_images=2, batch_tokens=4096)
 CASES = [("vanilla", {}, 576), ("visionzip", {}, 64), ("random", {}, 32)]
-
-
-def run(path, bundle, method_name, options, budget, questions, answered=frozenset(), method=None, decode_all=False):
-    """Answers by question key; `decode_all`: every question decodes max_new_tokens tokens (no early stop)."""
-    method = method or get_method(method_name)
-    params = method.resolve(options, budget, bundle.geometry)
-    answers = []
-    settings = FAST if path is evaluate_fast else REFERENCE
-    settings = dataclasses.replace(settings, stop_when_decided=False) if decode_all else settings
-    path(bundle, method, params, questions, images.synthetic_loader(), preprocess="pad", settings=settings, seed=3,
-         on_answers=answers.extend, answered=answered)
-    return {a.question.key: a for a in answers}
 
 
 def duplicated_questions():

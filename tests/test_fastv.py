@@ -5,14 +5,13 @@ LLaVA."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
 import pytest
 import torch
 
-from conftest import assert_same_answers, recorded_kept_sets, varied_questions
+from conftest import REFERENCE_BATCH, answers_by_key, assert_same_answers, recorded_kept_sets, varied_questions
 
 from prune_eval.analysis.compute import official_equal_tokens
 from prune_eval.data import images, synthetic
@@ -26,8 +25,6 @@ from prune_eval.models.prompt import tokenize_prompts
 
 LLAVA_7B = ModelGeometry(n_patches=576, vision_layers=24, vision_heads=16, text_layers=32, text_heads=32, text_hidden=4096, text_intermediate=11008)
 SETTINGS = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=False, fast=False)
-REFERENCE = EvalSettings(batch_size=5, max_new_tokens=4, stop_when_decided=True, fast=False)
-FAST = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=True, fast=True, batch_images=2, batch_tokens=4096)
 
 
 # ------------------------------------------------------------------ the official rule, as loops
@@ -233,16 +230,8 @@ def test_cached_decoding_equals_a_recompute_with_the_same_kept_tokens(tiny_bundl
 FAST_CASES = [({}, 64), ({}, 200), ({"k": 3}, 64), ({"budget_rule": "layer_average"}, 300)]
 
 
-def run_path(path, bundle, method, params, questions) -> dict:
-    """{question key: Answer}; every question decodes 4 tokens (no early stop)."""
-    settings = dataclasses.replace(FAST if path is evaluate_fast else REFERENCE, stop_when_decided=False)
-    answers: list = []
-    path(bundle, method, params, questions, images.synthetic_loader(), preprocess="pad", settings=settings, seed=3, on_answers=answers.extend)
-    return {a.question.key: a for a in answers}
-
-
 @pytest.mark.parametrize("options, budget", FAST_CASES)
-@pytest.mark.parametrize("model", ["tiny", pytest.param("toy", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["tiny", "toy"])
 def test_question_blocks_equal_the_reference(request, monkeypatch, model, options, budget) -> None:
     """Answers (4 greedy tokens each), first-token logits (1e-5), visual counts per layer
     ([576] x K + [R] x (L - K)) and each question's kept set equal the reference path's.
@@ -254,9 +243,9 @@ def test_question_blocks_equal_the_reference(request, monkeypatch, model, option
     questions = varied_questions()
     params = resolve(options, budget, bundle.geometry)
     method, reference_hooks, blocks = recorded_kept_sets(monkeypatch, get_method("fastv"))
-    reference = run_path(evaluate_reference, bundle, method, params, questions)
-    fast = run_path(evaluate_fast, bundle, method, params, questions)
-    assert blocks and len(reference_hooks) == math.ceil(len(questions) / REFERENCE.batch_size)  # fast: no per-question hook rows
+    reference = answers_by_key(evaluate_reference, bundle, "fastv", options, budget, questions, method=method, decode_all=True)
+    fast = answers_by_key(evaluate_fast, bundle, "fastv", options, budget, questions, method=method, decode_all=True)
+    assert blocks and len(reference_hooks) == math.ceil(len(questions) / REFERENCE_BATCH)  # fast: no per-question hook rows
     assert_same_answers(fast, reference)
     k, kept, n_layers = params["k"], params["kept_tokens"], bundle.lm.n_layers
     assert all(a.generation.visual_per_layer == [576] * k + [kept] * (n_layers - k) for a in fast.values())
@@ -265,6 +254,8 @@ def test_question_blocks_equal_the_reference(request, monkeypatch, model, option
     distinct = list(dict.fromkeys((a.question.image, a.question.prompt) for a in fast.values()))
     fast_kept = dict(zip(distinct, [row for recorder in blocks for row in recorder.kept_sets()]))
     assert len(fast_kept) == len(distinct) == len(questions) - 2
+    n_images = len({q.image for q in questions})
+    assert len({str(kept_set) for kept_set in fast_kept.values()}) > n_images  # questions of one image keep different tokens
     for key, answer in fast.items():
         expected = reference_kept[key]
         assert list(expected) == [k - 1] and len(expected[k - 1][0]) == kept
