@@ -45,23 +45,23 @@ FASTV_INPLACE` branch), its KV-cache variants `fastv_forward` in
   which fixes a POPE yes/no; later tokens may differ.
 
 Our implementation: the official code reads eager attention weights (every layer in the ECCV fork,
-layer K-1 only in the llava-hf fork). We compute only the one row it reads: the last prompt
-token's query at layer K-1 (post-RoPE) against that layer's cached keys, with
-`llm.attention_probabilities` (HF's eager recipe: q K^T * head_dim^-0.5 in the model dtype,
-softmax in fp32, cast back; the official fork's older transformers divides by sqrt(head_dim)
-instead, which can differ in the last bit), then the head mean in the model dtype (`visual_scores`);
-the layer outputs stay SDPA. Each row of a batch is scored on its own last token and its own image
-tokens. Ties: torch.topk leaves the order of equal scores unspecified (CUDA), and fp16 head means
-do tie; we keep the earlier token (stable sort, `top_r_keep`), so the kept set is a function of
-the scores.
+layer K-1 only in the llava-hf fork). We compute only the one row it reads: the last prompt token's
+query at layer K-1 (post-RoPE) against that layer's cached keys, with `llm.attention_probabilities`
+(the eager recipe of our transformers: q K^T * head_dim^-0.5 in the model dtype, softmax in fp32,
+cast back; the ECCV fork's LlamaAttention divides by math.sqrt(head_dim) instead, which can change
+the last bit of a logit), then the head mean in the model dtype (`visual_scores`); the layer outputs
+stay SDPA. Each row of a batch is scored on its own last token and its own image tokens. Ties:
+torch.topk leaves the order of equal scores unspecified (CUDA), and fp16 head means do tie; we keep
+the earlier token (stable sort, `top_r_keep`), so the kept set is a function of the scores.
 
-Two pieces of plumbing call these same functions: FastVHook, row by row, for the reference path,
-and FastVPruner, over all questions of a batch at once, for the fast path's question blocks
-(prune_eval.models.blocks). There an image's [system prompt | 576 visual tokens] is computed once
-through layers 0..K-1 (their keys and values do not depend on the question: causal attention, and
-nothing is pruned before layer K-1's output), and its questions run packed over that cache; after
-layer K-1 each question has its own block [R kept visual tokens | its text] at the original
-positions, and the system prompt, kept by FastV, is computed once for all images in layers K..L-1.
+Two pieces of plumbing call these same functions: FastVHook, on the reference path's rows (one
+left-padded row per question), and FastVPruner, over all questions of a batch at once, for the fast
+path's question blocks (prune_eval.models.blocks). There an image's [system prompt | 576 visual
+tokens] is computed once through layers 0..K-1 (their keys and values do not depend on the question:
+causal attention, and nothing is pruned before layer K-1's output), and its questions run packed
+over that cache; after layer K-1 each question has its own block [R kept visual tokens | its text]
+at the original positions, and the system prompt, kept by FastV, is computed once for all images in
+layers K..L-1.
 
 Accounting: all 576 visual tokens enter the LLM; `visual_tokens_per_layer` = [576] x K + [R] x (L - K).
 The published FastV rows at 64/128/192 (VisionZip Table 1, from SparseVLM) count averages over the
