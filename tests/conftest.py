@@ -50,6 +50,9 @@ FAST_DEMO = ["experiment=demo", "data.n_images=3", "eval.max_new_tokens=3", "eva
 
 
 # ------------------------------------------------------------------ the fast path against the reference path
+REFERENCE_BATCH = 5  # rows per reference-path batch in answers_by_key
+
+
 def answers_by_key(path, bundle, method_name, options, budget, questions, answered=frozenset(), method=None, decode_all=False):
     """Run `path` (engine.evaluate_reference or fast.evaluate_fast) on synthetic images: {question
     key: Answer}. Reference rows in batches of 5, fast batches of 2 images; 4 new tokens at most;
@@ -70,8 +73,6 @@ def answers_by_key(path, bundle, method_name, options, budget, questions, answer
          on_answers=answers.extend, answered=answered)
     return {a.question.key: a for a in answers}
 
-
-REFERENCE_BATCH = 5  # rows per reference-path batch in answers_by_key
 
 @pytest.fixture(scope="session")
 def toy_bundle():
