@@ -18,7 +18,7 @@ the CPU to try the script (with `--limit-images` and a small `--peer-questions`)
 
     python benchmarks/pope_throughput.py --questions ../shared/data/pope/llava-1.5 --out bench.json
     python benchmarks/pope_throughput.py --questions ../shared/data/pope/llava-1.5 --tiny --limit-images 3 \
-        --peer-questions 2 --configs visionzip-64,sparsevlm-v1.5-64,sparsevlm-v2-64
+        --peer-questions 2 --configs visionzip-64,sparsevlm-v1.5-64,sparsevlm-v2-64,fastv-64
 """
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ import re
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from test_fastv import assert_paths_agree, toy_bundle  # noqa: F401 (a fixture)
+
+from conftest import answers_by_key, assert_same_answers
 
 from prune_eval.config import CONF_DIR, plan_cell
 from prune_eval.data import images, synthetic
 from prune_eval.errors import PruneEvalError
-from prune_eval.execution.engine import visual_tokens
+from prune_eval.execution.engine import evaluate_reference, visual_tokens
+from prune_eval.execution.fast import evaluate_fast
 from prune_eval.methods import ModelGeometry, get_method
 from prune_eval.methods.downsample import pool_patch_grid, resolve
 
@@ -98,5 +100,8 @@ def test_config_errors_are_one_line_before_anything_runs() -> None:
 
 @pytest.mark.parametrize("model", ["tiny", "toy"])
 def test_fast_path_gives_the_reference_answers(model, tiny_bundle, toy_bundle) -> None:
+    bundle = tiny_bundle if model == "tiny" else toy_bundle
     questions = synthetic.make_questions(2, seed=4)
-    assert_paths_agree(tiny_bundle if model == "tiny" else toy_bundle, "downsample", {}, 64, questions)
+    reference = answers_by_key(evaluate_reference, bundle, "downsample", {}, 64, questions)
+    assert reference.keys() == {q.key for q in questions}
+    assert_same_answers(answers_by_key(evaluate_fast, bundle, "downsample", {}, 64, questions), reference)

@@ -7,43 +7,18 @@ import dataclasses
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+
+from conftest import assert_same_answers, recorded_kept_sets, varied_questions
+from conftest import answers_by_key as run
 
 from prune_eval.data import images, synthetic
-from prune_eval.execution import fast
 from prune_eval.execution.engine import EvalSettings, evaluate_reference
 from prune_eval.execution.fast import evaluate_fast, generate_packed, group_by_image
 from prune_eval.execution.engine import generate_rows, tokenized_prompts, visual_tokens
 from prune_eval.methods import get_method
-from prune_eval.models import loading
 from prune_eval.models.prompt import tokenize_prompts
 
-REFERENCE = EvalSettings(batch_size=5, max_new_tokens=4, stop_when_decided=True, fast=False)
-FAST = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=True, fast=True, batch_images=2, batch_tokens=4096)
 CASES = [("vanilla", {}, 576), ("visionzip", {}, 64), ("random", {}, 32)]
-
-
-def run(path, bundle, method_name, options, budget, questions, answered=frozenset(), method=None, decode_all=False):
-    """Answers by question key; `decode_all`: every question decodes max_new_tokens tokens (no early stop)."""
-    method = method or get_method(method_name)
-    params = method.resolve(options, budget, bundle.geometry)
-    answers = []
-    settings = FAST if path is evaluate_fast else REFERENCE
-    settings = dataclasses.replace(settings, stop_when_decided=False) if decode_all else settings
-    path(bundle, method, params, questions, images.synthetic_loader(), preprocess="pad", settings=settings, seed=3,
-         on_answers=answers.extend, answered=answered)
-    return {a.question.key: a for a in answers}
-
-
-def assert_same_answers(fast_answers, reference_answers) -> None:
-    assert fast_answers.keys() == reference_answers.keys()
-    for key, expected in reference_answers.items():
-        got = fast_answers[key]
-        assert got.generation.token_ids == expected.generation.token_ids, key
-        assert got.generation.stop_reason == expected.generation.stop_reason
-        assert got.generation.visual_per_layer == expected.generation.visual_per_layer
-        assert got.generation.prompt_tokens == expected.generation.prompt_tokens
-        torch.testing.assert_close(got.generation.first_logits, expected.generation.first_logits, atol=1e-5, rtol=1e-5)
 
 
 def duplicated_questions():
@@ -65,41 +40,6 @@ def test_fast_path_gives_the_reference_answers(tiny_bundle, method, options, bud
 
 # ------------------------------------------------------------------ SparseVLM in question blocks
 SPARSEVLM = [(version, budget) for version in ("v1", "v1.5", "v2") for budget in (64, 128, 192)]
-
-
-@pytest.fixture(scope="module")
-def toy_bundle():
-    return loading.load(OmegaConf.create({"name": "toy", "source": "toy", "path": None, "tokenization": "hf"}),
-                        dtype=torch.float32, device=torch.device("cpu"))
-
-
-def varied_questions():
-    """Two images; questions of three lengths; a prompt asked twice (another split); the second
-    image has fewer questions than the first (padded question slots)."""
-    questions = synthetic.make_questions(2, seed=4)
-    by_key = {q.key: q for q in questions}
-    chosen = [by_key[f"adversarial/{i}"] for i in range(1, 12)] + [by_key["popular/2"], by_key["random/7"]]
-    longer = {"adversarial/3": "in this image in the image?", "adversarial/9": "in this image?"}
-    chosen = [dataclasses.replace(q, prompt=q.prompt.replace("in the image?", longer[q.key])) if q.key in longer else q for q in chosen]
-    assert len({(q.image, q.prompt) for q in chosen}) == len(chosen) - 2
-    return chosen
-
-
-def recorded_kept_sets(monkeypatch, method):
-    """Capture the hooks both paths create; returns the method to run and the two recorders."""
-    reference_hooks, blocks = [], []
-
-    def make_hook(*args, **kwargs):
-        reference_hooks.append(method.make_hook(*args, **kwargs))
-        return reference_hooks[-1]
-
-    class Recorded(fast.QuestionBlocks):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            blocks.append(self)
-
-    monkeypatch.setattr(fast, "QuestionBlocks", Recorded)
-    return dataclasses.replace(method, make_hook=make_hook), reference_hooks, blocks
 
 
 @pytest.mark.parametrize("version, budget", SPARSEVLM)

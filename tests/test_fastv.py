@@ -1,32 +1,30 @@
 """FastV: selection against a loop reference of the official rule (pkunlp-icler/FastV, see
 prune_eval/methods/fastv.py), kept sets against HF's eager attention, cached decoding against a
-recompute, and the fast path against the reference path on the tiny and the toy LLaVA."""
+recompute, and the fast path's question blocks against the reference path on the tiny and the toy
+LLaVA."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+
+from conftest import REFERENCE_BATCH, answers_by_key, assert_same_answers, recorded_kept_sets, varied_questions
 
 from prune_eval.analysis.compute import official_equal_tokens
 from prune_eval.data import images, synthetic
 from prune_eval.errors import PruneEvalError
-from prune_eval.execution.engine import EvalSettings, evaluate_reference, generate_rows, row_seed, visual_tokens
+from prune_eval.execution.engine import EvalSettings, evaluate_reference, generate_rows, visual_tokens
 from prune_eval.execution.fast import evaluate_fast
 from prune_eval.methods import ModelGeometry, get_method
-from prune_eval.methods.fastv import FastVHook, last_token_attention, resolve, top_r_keep, visual_scores
-from prune_eval.models import loading
-from prune_eval.models.llm import KVCache, TokenMeta, greedy_tokens, run_layers
+from prune_eval.methods.fastv import FastVHook, resolve, top_r_keep, visual_scores
+from prune_eval.models.llm import KVCache, TokenMeta, eager_probabilities, greedy_tokens, run_layers
 from prune_eval.models.prompt import tokenize_prompts
 
 LLAVA_7B = ModelGeometry(n_patches=576, vision_layers=24, vision_heads=16, text_layers=32, text_heads=32, text_hidden=4096, text_intermediate=11008)
 SETTINGS = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=False, fast=False)
-REFERENCE = EvalSettings(batch_size=5, max_new_tokens=4, stop_when_decided=True, fast=False)
-FAST = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=True, fast=True, batch_images=2, batch_tokens=4096)
 
 
 # ------------------------------------------------------------------ the official rule, as loops
@@ -90,12 +88,14 @@ def test_ties_keep_the_earlier_token() -> None:
     assert fastv_keep(row, 2, 6, 3) == ref_keep(row, 2, 6, 3) == [0, 1, 4]
 
 
-def test_last_token_attention_matches_a_loop_softmax() -> None:
+def test_one_attention_row_matches_a_loop_softmax() -> None:
+    """The probabilities FastV reads (llm.attention_probabilities' eager recipe) for one query row
+    per batch row, with left padding, against softmax(q k / sqrt(D)) written out."""
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 20, 8, generator=g)
     visible = torch.ones(2, 20, dtype=torch.bool)
     visible[1, :4] = False  # left padding of the second row
-    ours = last_token_attention(q, k, visible)
+    ours = eager_probabilities(q[:, :, None], k, visible[:, None, None], 8**-0.5)[:, :, 0]
     for b in range(2):
         torch.testing.assert_close(ours[b].double(), ref_attention_row(q[b], k[b], visible[b].tolist()), atol=1e-6, rtol=1e-6)
     assert float(ours[1, :, :4].abs().max()) == 0.0
@@ -140,12 +140,6 @@ def test_yaml_options_compose_into_the_cell() -> None:
 
 
 # ------------------------------------------------------------------ plumbing on tiny LLaVAs
-@pytest.fixture(scope="module")
-def toy_bundle():
-    cfg = OmegaConf.create({"name": "toy", "source": "toy", "path": None, "tokenization": "hf"})
-    return loading.load(cfg, dtype=torch.float32, device=torch.device("cpu"))
-
-
 def two_rows(bundle):
     """Two questions of different lengths (left padding) about two images."""
     prompts = ["Is there a red circle in the image ?", "Is there a cat ?"]
@@ -230,48 +224,39 @@ def test_cached_decoding_equals_a_recompute_with_the_same_kept_tokens(tiny_bundl
             torch.testing.assert_close(logits, recomputed[0], atol=1e-5, rtol=1e-5)
 
 
-# ------------------------------------------------------------------ fast path == reference path
-def answers_and_hooks(path, bundle, method_name: str, options: dict, budget: int, questions):
-    """Run one evaluation path; returns ({question key: Answer}, {row seed: hook row kept set})."""
-    method = get_method(method_name)
-    params = method.resolve(options, budget, bundle.geometry)
-    kept: dict[int, list[int]] = {}
-    if method.make_hook is not None:
-        def recording(params, bundle, seeds, prefix_len, n_visual):
-            hook = original(params, bundle, seeds, prefix_len, n_visual)
-            recorded.append((list(seeds), hook))
-            return hook
-
-        original, recorded = method.make_hook, []
-        method = dataclasses.replace(method, make_hook=recording)
-    answers: list = []
-    settings = FAST if path is evaluate_fast else REFERENCE
-    path(bundle, method, params, questions, images.synthetic_loader(), preprocess="pad", settings=settings, seed=3, on_answers=answers.extend)
-    if method.make_hook is not None:
-        for seeds, hook in recorded:  # the row seed names (image, prompt) on both paths
-            kept.update({seed: hook.kept[i].tolist() for i, seed in enumerate(seeds)})
-    return {a.question.key: a for a in answers}, kept
+# ------------------------------------------------------------------ fast path (question blocks) == reference path
+# K = 2 (the default) and 3; R = the budget (64, 200) or the 32-layer-average rule's R (300 -> 208 on
+# the tiny model's 8 layers, 162 on the toy's 6).
+FAST_CASES = [({}, 64), ({}, 200), ({"k": 3}, 64), ({"budget_rule": "layer_average"}, 300)]
 
 
-def assert_paths_agree(bundle, method_name: str, options: dict, budget: int, questions) -> None:
-    reference, reference_kept = answers_and_hooks(evaluate_reference, bundle, method_name, options, budget, questions)
-    fast, fast_kept = answers_and_hooks(evaluate_fast, bundle, method_name, options, budget, questions)
-    assert reference.keys() == fast.keys() == {q.key for q in questions}
-    for key, expected in reference.items():
-        got = fast[key].generation
-        assert got.token_ids == expected.generation.token_ids, key
-        assert got.stop_reason == expected.generation.stop_reason
-        assert got.visual_per_layer == expected.generation.visual_per_layer
-        assert got.prompt_tokens == expected.generation.prompt_tokens
-        torch.testing.assert_close(got.first_logits, expected.generation.first_logits, atol=1e-5, rtol=1e-5)
-    if reference_kept:
-        seeds = {row_seed(3, q.image, q.prompt) for q in questions}
-        assert set(fast_kept) == set(reference_kept) == seeds  # duplicates ran once on the fast path
-        assert fast_kept == reference_kept
-
-
+@pytest.mark.parametrize("options, budget", FAST_CASES)
 @pytest.mark.parametrize("model", ["tiny", "toy"])
-def test_fast_path_gives_the_reference_answers_and_kept_sets(model, tiny_bundle, toy_bundle) -> None:
-    questions = synthetic.make_questions(2, seed=4)
-    assert len({(q.image, q.prompt) for q in questions}) < len(questions), "the test needs duplicated prompts"
-    assert_paths_agree(tiny_bundle if model == "tiny" else toy_bundle, "fastv", {}, 64, questions)
+def test_question_blocks_equal_the_reference(request, monkeypatch, model, options, budget) -> None:
+    """Answers (4 greedy tokens each), first-token logits (1e-5), visual counts per layer
+    ([576] x K + [R] x (L - K)) and each question's kept set equal the reference path's.
+
+    The fast path shares each image's prefix through layers 0..K-1 and the system prompt beyond
+    (question blocks); the reference path shares nothing (one left-padded row per question).
+    """
+    bundle = request.getfixturevalue(f"{model}_bundle")
+    questions = varied_questions()
+    params = resolve(options, budget, bundle.geometry)
+    method, reference_hooks, blocks = recorded_kept_sets(monkeypatch, get_method("fastv"))
+    reference = answers_by_key(evaluate_reference, bundle, "fastv", options, budget, questions, method=method, decode_all=True)
+    fast = answers_by_key(evaluate_fast, bundle, "fastv", options, budget, questions, method=method, decode_all=True)
+    assert blocks and len(reference_hooks) == math.ceil(len(questions) / REFERENCE_BATCH)  # fast: no per-question hook rows
+    assert_same_answers(fast, reference)
+    k, kept, n_layers = params["k"], params["kept_tokens"], bundle.lm.n_layers
+    assert all(a.generation.visual_per_layer == [576] * k + [kept] * (n_layers - k) for a in fast.values())
+    # the reference answered the questions in order, one hook row each; the fast path once per distinct (image, prompt)
+    reference_kept = dict(zip(reference, [row for hook in reference_hooks for row in hook.kept_sets()]))
+    distinct = list(dict.fromkeys((a.question.image, a.question.prompt) for a in fast.values()))
+    fast_kept = dict(zip(distinct, [row for recorder in blocks for row in recorder.kept_sets()]))
+    assert len(fast_kept) == len(distinct) == len(questions) - 2
+    n_images = len({q.image for q in questions})
+    assert len({str(kept_set) for kept_set in fast_kept.values()}) > n_images  # questions of one image keep different tokens
+    for key, answer in fast.items():
+        expected = reference_kept[key]
+        assert list(expected) == [k - 1] and len(expected[k - 1][0]) == kept
+        assert fast_kept[(answer.question.image, answer.question.prompt)] == expected, key

@@ -12,14 +12,16 @@ questions. Three savings, none of which changes an answer:
    segment mask lets each question see the prefix and itself only, and positions restart after the
    prefix, so each question computes exactly what it would alone. Decoding appends one token per
    question to the row the same way.
-Question-dependent pruning inside the LLM (SparseVLM; any method with a `make_pruner`) gets 1, 2
-and 3 up to its first pruning layer: with causal attention the image prefix's keys and values do
-not depend on the question until a method changes the sequence. From that layer's output on, each
-question has its own block [kept visual tokens | merged tokens | text] in its image's packed row,
-decided for all questions of the batch at once; the system prompt, kept by every method at the
-same positions, stays shared (computed once, written into every image's cache): see
-`generate_question_blocks` below and prune_eval.models.blocks. A question-dependent method without
-a pruner gets 1 and 2 only: one left-padded row per question.
+Question-dependent pruning inside the LLM (SparseVLM, FastV; any method with a `make_pruner`) gets
+1, 2 and 3 up to and including its first pruning layer (SparseVLM: layer 2; FastV: layer K-1, so
+all of layers 0..K-1, the layers that see every visual token): with causal attention the image
+prefix's keys and values do not depend on the question until a method changes the sequence. From
+that layer's output on, each question has its own block [kept visual tokens | merged tokens
+(SparseVLM v1/v1.5) | text] in its image's packed row, decided for all questions of the batch at
+once; the system prompt, kept by every method at the same positions, stays shared (computed once,
+written into every image's cache): see `generate_question_blocks` below and
+prune_eval.models.blocks. A question-dependent method without a pruner gets 1 and 2 only: one
+left-padded row per question.
 
 The reference path (prune_eval.execution.engine.evaluate_reference) is what the tests compare this against.
 """

@@ -7,7 +7,7 @@ A method is a plain record of functions (no class hierarchy):
   `visual_tokens`, the number of visual tokens that enter the LLM.
 - `select(vision, params, generator)` picks/merges image-level tokens before the projector
   (vanilla, VisionZip, random); it sees the vision tower's outputs, never the question.
-- `make_hook(params, ...)` returns a `LayerHook` for pruning inside the LLM (SparseVLM), used by the
+- `make_hook(params, ...)` returns a `LayerHook` for pruning inside the LLM (SparseVLM, FastV), used by the
   reference path, one row per question.
 - `make_pruner(params, bundle, prefix_len, n_visual)` returns a `QuestionPruner`
   (prune_eval.models.blocks) for the fast path: the questions of an image share everything up to

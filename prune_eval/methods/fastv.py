@@ -45,12 +45,23 @@ FASTV_INPLACE` branch), its KV-cache variants `fastv_forward` in
   which fixes a POPE yes/no; later tokens may differ.
 
 Our implementation: the official code reads eager attention weights (every layer in the ECCV fork,
-layer K-1 only in the llava-hf fork). We compute only the one row it reads: the last prompt
-token's query at layer K-1 (post-RoPE) against that layer's cached keys, softmax(q K^T / sqrt(d))
-in fp32 cast to the model dtype, then the head mean in the model dtype, as HF's eager path does;
-the layer outputs stay SDPA. Each row of a batch is scored on its own last token and its own image
-tokens. Ties: torch.topk leaves the order of equal scores unspecified (CUDA), and fp16 head means
-do tie; we keep the earlier token (stable sort), so the kept set is a function of the scores.
+layer K-1 only in the llava-hf fork). We compute only the one row it reads: the last prompt token's
+query at layer K-1 (post-RoPE) against that layer's cached keys, with `llm.attention_probabilities`
+(the eager recipe of our transformers: q K^T * head_dim^-0.5 in the model dtype, softmax in fp32,
+cast back; the ECCV fork's LlamaAttention divides by math.sqrt(head_dim) instead, which can change
+the last bit of a logit), then the head mean in the model dtype (`visual_scores`); the layer outputs
+stay SDPA. Each row of a batch is scored on its own last token and its own image tokens. Ties:
+torch.topk leaves the order of equal scores unspecified (CUDA), and fp16 head means do tie; we keep
+the earlier token (stable sort, `top_r_keep`), so the kept set is a function of the scores.
+
+Two pieces of plumbing call these same functions: FastVHook, on the reference path's rows (one
+left-padded row per question), and FastVPruner, over all questions of a batch at once, for the fast
+path's question blocks (prune_eval.models.blocks). There an image's [system prompt | 576 visual
+tokens] is computed once through layers 0..K-1 (their keys and values do not depend on the question:
+causal attention, and nothing is pruned before layer K-1's output), and its questions run packed
+over that cache; after layer K-1 each question has its own block [R kept visual tokens | its text]
+at the original positions, and the system prompt, kept by FastV, is computed once for all images in
+layers K..L-1.
 
 Accounting: all 576 visual tokens enter the LLM; `visual_tokens_per_layer` = [576] x K + [R] x (L - K).
 The published FastV rows at 64/128/192 (VisionZip Table 1, from SparseVLM) count averages over the
@@ -60,16 +71,15 @@ chooses R = round((32 x budget - K x 576) / (32 - K)) instead (64 -> R = 30 at K
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
 
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import Method, ModelGeometry, drop_cls, register
-from prune_eval.models.llm import KVCache, LanguageModel, LayerHook, TokenMeta, attention_mask
+from prune_eval.models.blocks import PruningView, QuestionInputs, VisualSelection
+from prune_eval.models.llm import KVCache, LanguageModel, LayerHook, TokenMeta, attention_mask, attention_probabilities
 
 OFFICIAL_LAYERS = 32  # LLaVA-1.5-7B (Vicuna-7B), where K = 2 was set
 DEFAULT_K = 2
@@ -79,20 +89,10 @@ BUDGET_RULES = ("kept", "layer_average")
 
 
 # ---------------------------------------------------------------- pure token-selection functions
-def last_token_attention(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """query (B, H, D), keys (B, H, S, D), both post-RoPE; visible (B, S) bool -> (B, H, S).
-
-    One query row per batch row: softmax(q k^T / sqrt(D)) over the visible keys, logits in the
-    model dtype, softmax in fp32, cast back to the model dtype (HF's eager attention, whose weights
-    the official code reads).
-    """
-    logits = (keys @ query[..., None])[..., 0] / math.sqrt(query.shape[-1])  # (B, H, S)
-    logits = logits.float().masked_fill(~visible[:, None, :], float("-inf"))
-    return logits.softmax(dim=-1).to(query.dtype)
-
-
 def visual_scores(attention: torch.Tensor, visual_start: torch.Tensor, n_visual: int) -> torch.Tensor:
-    """attention (B, H, S), visual_start (B,) -> (B, n_visual): head mean at each image token."""
+    """attention (B, H, S) of each row's last token (post-softmax, e.g. llm.attention_probabilities),
+    visual_start (B,) -> (B, n_visual): the head mean at each image token (official
+    `torch.mean(attention, dim=1)[0][-1][SYS : SYS + 576]`)."""
     mean = attention.mean(dim=1)  # (B, S), in the attention's dtype like the official torch.mean
     columns = visual_start[:, None] + torch.arange(n_visual, device=attention.device)  # (B, nV)
     return mean.gather(1, columns)
@@ -156,14 +156,11 @@ def last_token_index(meta: TokenMeta) -> torch.Tensor:
 
 
 class FastVHook(LayerHook):
-    """Prunes rows [pad | prefix | visual | text] after layer K-1 of the prefill.
+    """Prunes rows [pad | prefix | visual | text] after layer K-1 of the prefill (the reference path).
 
     `kept` (B, R) holds each row's kept positions within its image tokens once the prefill has
     passed layer K-1; `replay` supplies them instead of scoring (tests recompute a pruned prefix
-    without a cache with it). Selection (`select`) only needs the last token's query input, the
-    layer's cached keys and their meta, and where each row's image starts in those keys; the row
-    gather (`keep_rows`) is separate, so a shared-prefix layout can reuse the first and replace the
-    second.
+    without a cache with it).
     """
 
     def __init__(self, params: dict[str, Any], lm: LanguageModel, n_rows: int, prefix_len: int, n_visual: int,
@@ -181,9 +178,8 @@ class FastVHook(LayerHook):
         for row in self.visual_per_layer:
             row.append(count)
         if layer_idx == self.layer and not self.replaying:
-            last = last_token_index(meta)
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            self.query_input = self.lm.layers[layer_idx].input_layernorm(hidden[rows, last])  # (B, d)
+            last = last_token_index(meta)[:, None]  # (B, 1)
+            self.query_input = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, 1, d)
 
     def after(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, meta: TokenMeta, cache: KVCache):
         if layer_idx != self.layer:
@@ -193,23 +189,11 @@ class FastVHook(LayerHook):
         visual_start = (meta.segment < 0).sum(dim=1) + self.prefix_len  # (B,) after the left padding and the prefix
         if not self.replaying:
             last = last_token_index(meta)[:, None]  # (B, 1)
-            self.kept = self.select(layer_idx, self.query_input, positions.gather(1, last)[:, 0], meta.gather(last), cache, visual_start)
+            visible = attention_mask(meta.gather(last), cache.meta[layer_idx])[:, 0]  # (B, 1, S)
+            attention = attention_probabilities(self.lm, layer_idx, self.query_input, positions.gather(1, last),
+                                                cache.key_states(layer_idx), visible)[:, :, 0]  # (B, H, S)
+            self.kept = top_r_keep(visual_scores(attention, visual_start, self.n_visual), self.keep)
         return self.keep_rows(hidden, positions, meta, visual_start, self.kept)
-
-    def select(self, layer_idx: int, query_input: torch.Tensor, query_positions: torch.Tensor, query_meta: TokenMeta,
-               cache: KVCache, visual_start: torch.Tensor) -> torch.Tensor:
-        """query_input (B, d): the normed input of each row's last token at `layer_idx`; its
-        positions (B,) and meta (B, 1); visual_start (B,) in the layer's cached keys -> kept (B, R)."""
-        attention_module = self.lm.layers[layer_idx].self_attn
-        head_dim = attention_module.head_dim
-        query = attention_module.q_proj(query_input).view(query_input.shape[0], -1, head_dim)  # (B, H, D)
-        cos, sin = self.lm.rotary_emb(query_input, query_positions[:, None])  # (B, 1, D)
-        query = query * cos + rotate_half(query) * sin
-        keys = cache.key_states(layer_idx)  # (B, Hkv, S, D), post-RoPE
-        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # (B, H, S, D)
-        visible = attention_mask(query_meta, cache.meta[layer_idx])[:, 0, 0]  # (B, S)
-        attention = last_token_attention(query, keys, visible)
-        return top_r_keep(visual_scores(attention, visual_start, self.n_visual), self.keep)
 
     def keep_rows(self, hidden: torch.Tensor, positions: torch.Tensor, meta: TokenMeta, visual_start: torch.Tensor,
                   kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, TokenMeta]:
@@ -221,18 +205,58 @@ class FastVHook(LayerHook):
         index = keep.nonzero()[:, 1].view(batch, width - self.n_visual + kept.shape[1])  # (B, W'), ascending
         return hidden.gather(1, index[..., None].expand(-1, -1, dim)), positions.gather(1, index), meta.gather(index)
 
+    def kept_sets(self) -> list[dict[int, tuple[list[int], int]]]:
+        """Per row: {K-1: (kept image positions, 0 added tokens)}, the format of
+        QuestionBlocks.kept_sets (for the tests)."""
+        return [{self.layer: (row.tolist(), 0)} for row in self.kept.cpu()]
+
+
+class FastVPruner:
+    """FastV in the fast path's question blocks (prune_eval.models.blocks): FastVHook's decision
+    for all questions of a batch at once, with the same functions.
+
+    One pruning layer, K-1: each question's last prompt token (`view.text_length - 1`, its last
+    text token) attends over segment 0 and its own text (`view.attention`, image-grouped, one query
+    row per question); the head mean at its image's tokens (`visual_scores`) and the R best
+    (`top_r_keep`) are computed for all N questions as (N, ...) tensors: no loop over questions, no
+    host sync (the blocks' re-packing syncs once). At layer K-1 every question still has all its
+    image's visual tokens, so the rows are of equal length. Positions stay original and nothing is
+    added after the kept tokens; FastV chooses nothing before layer 0 (`start`).
+    """
+
+    compact_positions = False
+
+    def __init__(self, params: dict[str, Any], n_visual: int) -> None:
+        self.layers: tuple[int, ...] = (params["layers"][0],)
+        self.keep = min(params["kept_tokens"], n_visual)
+        self.max_visual = self.keep
+
+    def start(self, inputs: QuestionInputs) -> None:
+        pass
+
+    def select(self, view: PruningView) -> VisualSelection:
+        attention = view.attention((view.text_length - 1)[:, None])[:, :, 0]  # (N, H, V): the last token's row
+        scores = visual_scores(attention, torch.zeros_like(view.text_length), attention.shape[-1])  # (N, V)
+        kept = torch.zeros_like(view.visual_valid).scatter_(1, top_r_keep(scores, self.keep), True)
+        return VisualSelection(kept)
+
 
 def make_hook(params: dict[str, Any], bundle, seeds: Sequence[int], prefix_len: int, n_visual: int) -> FastVHook:
     return FastVHook(params, bundle.lm, len(seeds), prefix_len, n_visual)
 
 
+def make_pruner(params: dict[str, Any], bundle, prefix_len: int, n_visual: int) -> FastVPruner:
+    return FastVPruner(params, n_visual)
+
+
 FASTV = register(
     Method(
         name="fastv",
-        version="1",
+        version="2",  # 2: scores from llm.attention_probabilities (HF's eager q k^T * scaling), shared with the fast path
         resolve=resolve,
         select=lambda vision, params, seeds: drop_cls(vision),
         make_hook=make_hook,
+        make_pruner=make_pruner,
         text_dependent=True,  # the last prompt token (the question's end) chooses the kept tokens
     )
 )

@@ -2,8 +2,9 @@
 
 With causal attention the tokens before the question (system prompt + image) have the same hidden
 states, keys and values for every question of an image in every layer up to and including the
-first layer whose output a question-dependent method changes (SparseVLM: its first pruning layer;
-FastV: the layer whose attention decides its pruning). The fast path (prune_eval.execution.fast.generate_question_blocks) therefore
+first layer whose output a question-dependent method changes (SparseVLM: its first pruning layer,
+2 on LLaVA-1.5-7B; FastV: layer K-1, 0-based, whose last-prompt-token attention decides what
+layers K.. keep). The fast path (prune_eval.execution.fast.generate_question_blocks) therefore
 1. prefills each image's [system prompt | visual tokens] once, up to and including that layer;
 2. runs all the image's questions, packed in one row, over that cache (segment masks, as for
    vanilla) up to the same layer;
@@ -13,10 +14,14 @@ FastV: the layer whose attention decides its pruning). The fast path (prune_eval
    (0..P-1 whether a version re-numbers the rest or not), so its keys/values are identical for all
    questions in every layer: they are computed once and written into each image's cache, and the
    blocks attend to them as the shared segment 0.
+For FastV (one pruning layer) this means: each image's [system prompt | 576 visual tokens] runs
+through layers 0..K-1 once, its questions packed over it; in layers K..L-1 each question has its
+block [R kept visual tokens | its text] at the original positions, and the system prompt runs
+once for all images. SparseVLM re-packs the blocks again at each later pruning layer.
 A question's tokens see segment 0 and their own block only, so each question computes what it
 computes alone in a row [system prompt | visual | text]: the same operations, up to floating-point
-rounding of differently shaped products (tests/test_fast.py: answers, logits within 1e-5 and kept
-sets equal to the reference path's on the CPU in fp32).
+rounding of differently shaped products (tests/test_fast.py, tests/test_fastv.py: answers, logits
+within 1e-5 and kept sets equal to the reference path's on the CPU in fp32).
 
 This module holds step 3's layout and the hook that maintains it between pruning layers. What to
 keep is the method's decision, made in tensors over all questions of a batch at once
