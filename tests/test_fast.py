@@ -12,6 +12,8 @@ from prune_eval.execution.engine import generate_rows, tokenized_prompts, visual
 from prune_eval.methods import get_method
 from prune_eval.models.prompt import tokenize_prompts
 
+pytestmark = pytest.mark.transformers  # also run against the lowest supported transformers (.ci/run)
+
 REFERENCE = EvalSettings(batch_size=5, max_new_tokens=4, stop_when_decided=True, fast=False)
 FAST = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=True, fast=True, batch_images=2, batch_tokens=4096)
 CASES = [("vanilla", {}, 576), ("visionzip", {}, 64), ("random", {}, 32), ("sparsevlm", {"version": "v1.5"}, 64),
