@@ -62,6 +62,7 @@ def test_malformed_answer_file_is_rejected(tmp_path) -> None:
         ([{"question_id": 99999999, "text": "Yes"}], "question_id 99999999 is not a question"),
         ([{"question_id": 1, "text": "Yes"}], "answers 1 of 8910 questions; missing e.g. adversarial/2"),
         ([{"question_id": 1, "text": 5}], "'text' must be a string"),
+        ([{"question_id": 1, "text": "\ud800"}], "unpaired surrogate, which is not text and cannot be stored exactly"),
     ],
 )
 def test_answer_file_content_errors(answers, message, tmp_path) -> None:

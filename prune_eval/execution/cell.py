@@ -207,6 +207,7 @@ def write_summary(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, mode
         "model": model_info or previous.get("model") or read_model_info(cell_dir),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "metrics": metrics.record_metrics(verified.records, list(cfg.data.splits)),
+        "raw_answer": records.RAW_ANSWER_DECODED,
         "compute": summarize_compute(verified.records, hidden=spec.geometry.text_hidden, intermediate=spec.geometry.text_intermediate),
         "n_questions": len(verified.records),
         "records": [{"file": p.name, "sha256": records.sha256_file(p)} for p in records.part_paths(cell_dir)],
