@@ -1,5 +1,6 @@
 """`python -m prune_eval [-m] key=value ...`: one cell, or a sweep of cells with -m.
 
+`--help` prints prune_eval's usage (prune_eval.usage); Hydra's generic help is `--hydra-help`.
 Before Hydra starts, the command line is checked (unknown group choices and keys get "did you mean"
 and the choices) and, for a single run, the cell is validated and its inputs looked at; a sweep is
 validated by the prune_eval sweeper for every job before any job is launched. User errors print one
@@ -19,6 +20,7 @@ from prune_eval.errors import PruneEvalError
 
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc")
 MULTIRUN_FLAGS = ("-m", "--multirun")
+HELP_FLAGS = ("--help", "-h")
 
 
 def _cell_name_resolver(*, _root_: DictConfig) -> str:
@@ -84,6 +86,11 @@ def preflight(arguments: list[str]) -> None:
 
 
 def main() -> None:
+    if any(a in HELP_FLAGS for a in sys.argv[1:]):
+        from prune_eval.usage import usage
+
+        print(usage())
+        return
     try:
         preflight(sys.argv[1:])
     except PruneEvalError as e:

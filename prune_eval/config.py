@@ -7,6 +7,10 @@ any model is loaded or any job is launched.
   dictionary of everything that defines the result (`experiment`), and the cell's directory name.
   Configurations that resolve to the same experiment get the same name and share one result.
 - `check_inputs` looks at the files a cell needs: weights, question files and images.
+
+Reading the command line (`check_overrides`, `explain_composition_error`) imports neither torch nor
+transformers: a typo costs a fraction of a second, not the seconds those imports take. Everything
+that needs them (methods, models, data loaders) is imported inside the functions that use it.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from prune_eval.data.pope import SPLITS
 from prune_eval.errors import PruneEvalError, did_you_mean, unknown_choice
-from prune_eval.methods import Method, ModelGeometry, get_method
 from prune_eval.records import sha256_file
+
+if TYPE_CHECKING:  # prune_eval.methods imports torch
+    from prune_eval.methods import Method, ModelGeometry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -115,6 +121,7 @@ class CellSpec:
 
 def model_geometry(model_cfg) -> ModelGeometry:
     """The model's shapes from its config alone (no weights loaded)."""
+    from prune_eval.methods import ModelGeometry
     from prune_eval.models import loading, tiny
 
     if loading.source_of(model_cfg) == "tiny":
@@ -226,6 +233,7 @@ def check_run_options(cfg: DictConfig) -> None:
 def _plan_cell(cfg: DictConfig) -> CellSpec:
     from prune_eval.data import DATASETS, check_data_options
     from prune_eval.data.images import PREPROCESSORS
+    from prune_eval.methods import get_method
     from prune_eval.models.loading import SOURCES, source_of
     from prune_eval.models.quant import precision_of
 

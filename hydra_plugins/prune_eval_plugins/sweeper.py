@@ -56,6 +56,7 @@ class PruneEvalSweeper(Sweeper):
         loader = self.hydra_context.config_loader
         try:
             planned = sweep.plan_jobs(jobs, lambda overrides: loader.load_sweep_config(self.config, overrides))
+            sweep.check_launcher(self.launcher, self.config)  # before anything is written: a refused launch leaves no trace
         except PruneEvalError as e:
             print(f"prune_eval: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -86,6 +86,17 @@ def record_plan(sweep_dir: Path, planned: list[PlannedCell]) -> None:
         atomic_write_json(path, plan)
 
 
+def check_launcher(launcher, config: DictConfig) -> None:
+    """The launcher's own checks (no sbatch, an unknown partition, no GPU, a sweep over a launcher
+    setting), before plan.json or multirun.yaml is written and whether or not any cell is left to run.
+    Raises PruneEvalError."""
+    from prune_eval.execution.launching import check_launch_overrides
+
+    check_launch_overrides(config.hydra.overrides.task)
+    if hasattr(launcher, "check_before_launch"):
+        launcher.check_before_launch()
+
+
 def launch(launcher, cells: list[PlannedCell], sweep_dir: Path) -> list:
     """Launch the cells. prune_eval's launchers (launch=local-gpus, slurm) watch the cell directories
     instead of job results, so they are given them; Hydra's own launchers get the overrides alone."""

@@ -1,0 +1,101 @@
+"""The command line itself: prune_eval's own --help, a search path without stray config groups, and
+a typo that fails fast (neither torch nor transformers imported)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_cli
+
+from prune_eval.config import GROUPS, group_choices
+from prune_eval.usage import EXAMPLES, PLAIN_KEY_HELP, plain_keys
+
+
+def with_stray_folders(folder):
+    """A working directory as a user's looks after a few sweeps: outputs/ with sweep folders and YAMLs."""
+    for sub in ("outputs/demo/report", "outputs/vz-vs-svlm/visionzip-64_seed0_x", "docs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "outputs" / "demo" / "multirun.yaml").write_text("hydra: {}\n")
+    (folder / "docs" / "notes.yaml").write_text("a: 1\n")
+    return folder
+
+
+@pytest.mark.parametrize("where", ["a folder with outputs/", "elsewhere"])
+def test_help_is_prune_evals_usage(tmp_path, where) -> None:
+    cwd = with_stray_folders(tmp_path) if where == "a folder with outputs/" else tmp_path
+    result = run_cli(["--help"], cwd, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.startswith("usage: python -m prune_eval [-m]") and "powered by Hydra" not in text
+    assert "A cell is one (model, quant, preprocess, data, method" in text
+    for group in GROUPS:
+        assert re.search(rf"^  {re.escape(group)} +{re.escape(', '.join(group_choices(group)))}  \[", text, re.M), group
+    for key, default in plain_keys().items():
+        assert f"  {key}={default} " in text, key
+    assert [line.strip() for line in text.splitlines() if line.startswith("  python -m prune_eval")] == [c for _, c in EXAMPLES]
+    assert "outputs/<name>/<cell>/records/" in text and "outputs/<name>/report/" in text
+    assert "outputs:" not in text and "vz-vs-svlm" not in text and "docs" not in text.lower().split("readme")[0]
+    assert "budget=64 " in text  # the default: the budget of the question the tool is named by
+
+
+def test_every_plain_key_has_a_line_in_the_usage() -> None:
+    assert set(PLAIN_KEY_HELP) == set(plain_keys())
+
+
+def test_the_search_path_holds_only_the_configs_and_the_launch_profiles(tmp_path, monkeypatch) -> None:
+    """Hydra's config loader, built as hydra.main builds it (search path plugins included), run from a
+    folder with outputs/: its groups are exactly prune_eval's. The repository root itself holds conf/,
+    docs/, tests/ (and often outputs/): none of them may become a group."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    from prune_eval.config import CONF_DIR
+
+    monkeypatch.chdir(with_stray_folders(tmp_path))
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+    groups = set(loader.list_groups("")) - {"hydra"}
+    assert groups == set(GROUPS), groups
+    assert loader.get_group_options("launch") == group_choices("launch")
+
+
+def test_the_launch_profiles_source_shows_launch_and_nothing_else(tmp_path) -> None:
+    from hydra.core.object_type import ObjectType
+
+    from hydra_plugins.prune_eval_plugins.searchpath import LaunchProfilesConfigSource
+
+    with_stray_folders(tmp_path)
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "mycluster.yaml").write_text("# @package _global_\nlaunch: {partition: gpu}\n")
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    source = LaunchProfilesConfigSource("test", f"prune-eval-launch://{tmp_path}")
+    assert source.available()
+    assert source.list("", None) == ["launch"] and source.list("", ObjectType.CONFIG) == []
+    assert source.list("launch", None) == ["mycluster"]
+    assert source.is_group("launch") and not source.is_group("outputs") and not source.is_group("outputs/demo")
+    assert source.is_config("launch/mycluster.yaml") and not source.is_config("config.yaml")
+    assert not source.is_config("outputs/demo/multirun.yaml") and not source.is_config("docs/notes.yaml")
+    assert source.load_config("launch/mycluster.yaml").header["package"] == "_global_"
+
+
+def imported_top_level(stderr: str) -> set[str]:
+    """Modules named in `python -X importtime` output."""
+    return {m.group(1) for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)$", stderr, re.M)}
+
+
+@pytest.mark.parametrize("args", [["method=visonzip"], ["-m", "method=visionzip,visonzip", "seed=0,1"], ["budgte=64"], ["--help"]])
+def test_a_typo_fails_fast_without_torch_or_transformers(tmp_path, args) -> None:
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "prune_eval", *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    modules = imported_top_level(result.stderr)
+    assert "prune_eval" in modules and "omegaconf" in modules  # the importtime output was read
+    heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "transformers"))
+    assert not heavy, heavy[:5]
+    messages = [line for line in result.stderr.splitlines() if not line.startswith("import time:") and line.strip()]
+    if args == ["--help"]:
+        assert result.returncode == 0 and not messages
+        return
+    assert result.returncode == 2 and len(messages) == 1, messages
+    assert messages[0].startswith("prune_eval: error: unknown ") and "did you mean" in messages[0]
