@@ -15,8 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from prune_eval.config import CONF_DIR, check_inputs, check_overrides, explain_composition_error, plan_cell
-from prune_eval.errors import PruneEvalError
+from prune_eval.config import CONF_DIR, check_quant_backend, check_overrides, explain_composition_error, input_problems, plan_cell
+from prune_eval.errors import PruneEvalError, error_text
 
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc")
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -81,8 +81,16 @@ def preflight(arguments: list[str]) -> None:
         except Exception as e:  # Hydra composition errors -> one line
             raise explain_composition_error(e, list(job), compose_job) from None
     if not multirun:
-        plan_cell(cfg)
-        check_inputs(cfg)
+        model_problems, data_problems = input_problems(cfg)  # all of them at once, one line each
+        problems = model_problems + data_problems
+        if not model_problems:  # without its weights a cell cannot be planned (its shapes come from them)
+            try:
+                plan_cell(cfg)
+                check_quant_backend(cfg)
+            except PruneEvalError as e:
+                problems.append(str(e))
+        if problems:
+            raise PruneEvalError("\n".join(problems))
 
 
 def main() -> None:
@@ -94,7 +102,7 @@ def main() -> None:
     try:
         preflight(sys.argv[1:])
     except PruneEvalError as e:
-        print(f"prune_eval: error: {e}", file=sys.stderr)
+        print(error_text(e), file=sys.stderr)
         sys.exit(2)
     run()
 

@@ -6,7 +6,8 @@ any model is loaded or any job is launched.
 - `plan_cell` resolves a composed config into a `CellSpec`: the method's effective parameters, the
   dictionary of everything that defines the result (`experiment`), and the cell's directory name.
   Configurations that resolve to the same experiment get the same name and share one result.
-- `check_inputs` looks at the files a cell needs: weights, question files and images.
+- `input_problems` looks at the files a cell needs (weights, question files, images), one line per
+  problem; `check_quant_backend` at what the CPU can run.
 
 Reading the command line (`check_overrides`, `explain_composition_error`) imports neither torch nor
 transformers: a typo costs a fraction of a second, not the seconds those imports take. Everything
@@ -289,16 +290,39 @@ def cell_name(experiment: dict[str, Any], budget: int) -> str:
     )
 
 
-def check_inputs(cfg: DictConfig) -> None:
-    """Weights, question files and images exist and agree with the config."""
-    from prune_eval.data import load_dataset
+def input_problems(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """(model lines, data lines): one line per problem with the files this cell reads, each naming
+    the command that fetches a missing one: the weights (model.allow_download=true downloads them
+    here), the POPE question files (missing, or not the configured version), the images (a count and
+    an example path). Images are decoded later, by the cell. A config the model loader cannot even
+    read is left to plan_cell's error."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from prune_eval.data import input_problems as data_problems
     from prune_eval.models.loading import check_available
+
+    model: list[str] = []
+    try:
+        check_available(cfg.model)
+    except PruneEvalError as e:
+        model.append(str(e))
+    except OmegaConfBaseException:
+        pass
+    try:
+        data = data_problems(cfg.data)
+    except OmegaConfBaseException:
+        data = []
+    return model, data
+
+
+def check_quant_backend(cfg: DictConfig) -> None:
+    """On the CPU, the quantization backend can run this model's layer widths (GPU jobs check theirs
+    on the GPU node, before loading)."""
+    if str(cfg.device) != "cpu":
+        return
+    import torch
+
     from prune_eval.models.quant import check_backend, precision_of
 
-    check_available(cfg.model)
-    load_dataset(cfg.data).check_images()
-    if str(cfg.device) == "cpu":  # GPU jobs check their backend on the GPU node, before loading
-        import torch
-
-        geometry = model_geometry(cfg.model)
-        check_backend(precision_of(cfg.quant), torch.device("cpu"), (geometry.text_hidden, geometry.text_intermediate))
+    geometry = model_geometry(cfg.model)
+    check_backend(precision_of(cfg.quant), torch.device("cpu"), (geometry.text_hidden, geometry.text_intermediate))

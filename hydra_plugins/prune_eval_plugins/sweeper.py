@@ -47,7 +47,7 @@ class PruneEvalSweeper(Sweeper):
     def sweep(self, arguments: list) -> Any:
         from prune_eval.execution import sweep
         from prune_eval.execution.cell import cell_status
-        from prune_eval.errors import PruneEvalError
+        from prune_eval.errors import PruneEvalError, error_text
         from prune_eval.records import atomic_write_bytes
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -58,14 +58,14 @@ class PruneEvalSweeper(Sweeper):
             planned = sweep.plan_jobs(jobs, lambda overrides: loader.load_sweep_config(self.config, overrides))
             sweep.check_launcher(self.launcher, self.config)  # before anything is written: a refused launch leaves no trace
         except PruneEvalError as e:
-            print(f"prune_eval: error: {e}", file=sys.stderr)
+            print(error_text(e), file=sys.stderr)
             sys.exit(2)
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config).encode())  # a second sweep may write it too
             sweep.record_plan(sweep_dir, planned)
         except (PruneEvalError, OSError) as e:
-            print(f"prune_eval: error: {e}", file=sys.stderr)
+            print(error_text(e), file=sys.stderr)
             sys.exit(2)
         todo = [c for c in planned if cell_status(sweep_dir / c.name) != "complete"]
         skipped = len(planned) - len(todo)
@@ -75,7 +75,7 @@ class PruneEvalSweeper(Sweeper):
             try:
                 results = sweep.launch(self.launcher, todo, sweep_dir)
             except PruneEvalError as e:  # bad launcher input, found before anything was submitted
-                print(f"prune_eval: error: {e}", file=sys.stderr)
+                print(error_text(e), file=sys.stderr)
                 sys.exit(2)
             except Exception as e:  # a job or the scheduler broke: still print the table and report
                 launcher_failed = True

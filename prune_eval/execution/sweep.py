@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from prune_eval.analysis.cellfiles import cell_status, error_message, lock_holder, read_summary
-from prune_eval.config import check_inputs, explain_composition_error, plan_cell
+from prune_eval.config import check_quant_backend, config_error, explain_composition_error, input_problems, plan_cell
 from prune_eval.errors import PruneEvalError
 from prune_eval.records import atomic_write_json
 
@@ -35,10 +36,18 @@ class PlannedCell:
 
 
 def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig]) -> list[PlannedCell]:
-    """Compose and validate every job; dedupe by cell. Raises one PruneEvalError listing all problems."""
+    """Compose and validate every job; dedupe by cell. Raises one PruneEvalError listing all problems.
+
+    Missing inputs (weights, question files, images) are looked for once per distinct (model, data)
+    and said once each, however many jobs need them, each with the command that fetches it; a job
+    whose weights are missing is not planned further (its cell is defined by the checkpoint's
+    config), one whose data is missing still is, so its other mistakes are found now too.
+    """
     cells: dict[str, PlannedCell] = {}
     problems: list[str] = []
-    checked_inputs: set[str] = set()
+    input_lines: dict[str, None] = {}  # ordered set: each input problem once, however many jobs share it
+    inputs_found: dict[str, tuple[list[str], list[str]]] = {}
+    backends_checked: set[str] = set()
     for overrides in jobs:
         overrides = list(overrides)
         label = " ".join(overrides) or "(defaults)"
@@ -47,22 +56,36 @@ def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Dict
                 cfg = compose(overrides)
             except Exception as e:  # Hydra composition errors -> one line
                 raise explain_composition_error(e, overrides, compose) from None
+            inputs_key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.data, resolve=True)],
+                                    sort_keys=True, default=str)
+            if inputs_key not in inputs_found:
+                inputs_found[inputs_key] = input_problems(cfg)
+            model_problems, data_problems = inputs_found[inputs_key]
+            input_lines.update(dict.fromkeys(model_problems + data_problems))
+            if model_problems:
+                continue
             spec = plan_cell(cfg)
-            inputs_key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.data, resolve=True)], sort_keys=True)
-            if inputs_key not in checked_inputs:
-                check_inputs(cfg)
-                checked_inputs.add(inputs_key)
+            backend_key = json.dumps([inputs_key, OmegaConf.to_container(cfg.quant, resolve=True), str(cfg.device)], sort_keys=True, default=str)
+            if backend_key not in backends_checked:
+                check_quant_backend(cfg)
+                backends_checked.add(backend_key)
         except PruneEvalError as e:
             problems.append(f"{label}: {e}")
+            continue
+        except OmegaConfBaseException as e:  # an interpolation that does not resolve, met before plan_cell
+            problems.append(f"{label}: {config_error(cfg, e)}")
             continue
         if spec.name in cells:
             cells[spec.name].aliases.append(overrides)
         else:
             cells[spec.name] = PlannedCell(spec.name, overrides)
+    lines = list(input_lines)
     if len(problems) == 1:
-        raise PruneEvalError(f"{problems[0]} (nothing was launched)")
-    if problems:
-        raise PruneEvalError(f"{len(problems)} of {len(jobs)} job(s) are invalid; nothing was launched:\n  " + "\n  ".join(problems))
+        lines.append(f"{problems[0]} (nothing was launched)")
+    elif problems:
+        lines.append(f"{len(problems)} of {len(jobs)} job(s) are invalid; nothing was launched:\n  " + "\n  ".join(problems))
+    if lines:
+        raise PruneEvalError("\n".join(lines))
     return list(cells.values())
 
 
