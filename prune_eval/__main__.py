@@ -15,7 +15,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from prune_eval.config import CONF_DIR, check_quant_backend, check_overrides, explain_composition_error, input_problems, plan_cell
+from prune_eval.config import (
+    CONF_DIR,
+    check_output_overrides,
+    check_overrides,
+    check_quant_backend,
+    explain_composition_error,
+    input_problems,
+    output_dir_problem,
+    plan_cell,
+)
 from prune_eval.errors import PruneEvalError, error_text
 
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc")
@@ -59,6 +68,7 @@ def preflight(arguments: list[str]) -> None:
     if any(a in INFO_FLAGS or a.startswith("--cfg") for a in arguments):
         return
     check_overrides(arguments)
+    check_output_overrides(arguments)
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -68,18 +78,23 @@ def preflight(arguments: list[str]) -> None:
 
     def compose_job(job_overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=job_overrides)
+            return compose(config_name="config", overrides=job_overrides, return_hydra_config=True)
 
     multirun = any(a in MULTIRUN_FLAGS for a in arguments)
     parsed = OverridesParser.create().parse_overrides(overrides)
     if multirun and any(o.value_type == ValueType.GLOB_CHOICE_SWEEP for o in parsed):
         return  # glob(...) needs Hydra's config loader to expand; the sweeper composes and checks every job
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
+    dirs = []
     for job in jobs:
         try:
             cfg = compose_job(list(job))
         except Exception as e:  # Hydra composition errors -> one line
             raise explain_composition_error(e, list(job), compose_job) from None
+        dirs.append(str(cfg.hydra.sweep.dir))
+    scattered = output_dir_problem([list(j) for j in jobs], dirs) if multirun else None
+    if scattered:
+        raise PruneEvalError(scattered)
     if not multirun:
         model_problems, data_problems = input_problems(cfg)  # all of them at once, one line each
         problems = model_problems + data_problems

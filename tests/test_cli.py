@@ -99,3 +99,49 @@ def test_a_typo_fails_fast_without_torch_or_transformers(tmp_path, args) -> None
         return
     assert result.returncode == 2 and len(messages) == 1, messages
     assert messages[0].startswith("prune_eval: error: unknown ") and "did you mean" in messages[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys that decide where results go cannot be swept (one directory per sweep)
+OUTPUT_SWEEPS = {
+    "name": ["name=a,b"],
+    "hydra.sweep.dir": ["hydra.sweep.dir=runs/x,runs/y"],
+    "hydra.sweep.subdir": ["hydra.sweep.subdir=x,y"],
+    "hydra.run.dir": ["hydra.run.dir=x,y"],
+    "hydra.output_subdir": ["hydra.output_subdir=.hx,.hy"],
+    "hydra.launcher.submitit_folder": ["launch=slurm", "hydra.launcher.submitit_folder=x,y"],
+    "an interpolation of a swept key": ["name=run${seed}", "seed=0,1"],
+    "name, with a glob sweep (checked by the sweeper)": ["name=a,b", "method=glob(vani*)"],
+    "an interpolation, with a glob sweep (checked by the sweeper)": ["name=run${seed}", "seed=0,1", "method=glob(vani*)"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_SWEEPS))
+def test_a_sweep_over_where_results_go_is_refused_before_anything_runs(tmp_path, case) -> None:
+    result = run_cli(["-m", "experiment=demo", *OUTPUT_SWEEPS[case]], tmp_path, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("prune_eval: error: "), lines
+    if "interpolation" in case:
+        assert "would write into 2 directories (outputs/run0, outputs/run1) through seed=0,1" in lines[0]
+    else:
+        key = OUTPUT_SWEEPS[case][-1 if "submitit" in case else 0].split("=")[0]
+        assert f"sweeps over {key}, which decides" in lines[0] and "run one sweep per value" in lines[0]
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_issue_command_with_two_names_exits_2_with_one_line(tmp_path) -> None:
+    result = run_cli(["-m", "experiment=demo", "name=a,b"], tmp_path, timeout=300)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_output_dir_problem_names_the_overrides_that_move_the_directory() -> None:
+    from prune_eval.config import output_dir_problem
+
+    jobs = [["method=vanilla", "seed=0"], ["method=vanilla", "seed=1"], ["method=random", "seed=0"], ["method=random", "seed=1"]]
+    assert output_dir_problem(jobs, ["outputs/d"] * 4, "outputs/d") is None
+    message = output_dir_problem(jobs, ["outputs/s0", "outputs/s1", "outputs/s0", "outputs/s1"], "outputs/s0")
+    assert "2 directories (outputs/s0, outputs/s1) through seed=0,1," in message and "method" not in message
+    # every job agrees, but not with the sweep's own directory (a preset that sets name, chosen by a glob)
+    assert "2 directories (outputs/default, outputs/demo)" in output_dir_problem(jobs, ["outputs/demo"] * 4, "outputs/default")

@@ -47,6 +47,7 @@ class PruneEvalSweeper(Sweeper):
     def sweep(self, arguments: list) -> Any:
         from prune_eval.execution import sweep
         from prune_eval.execution.cell import cell_status
+        from prune_eval.config import check_output_overrides
         from prune_eval.errors import PruneEvalError, error_text
         from prune_eval.records import atomic_write_bytes
 
@@ -55,7 +56,8 @@ class PruneEvalSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         loader = self.hydra_context.config_loader
         try:
-            planned = sweep.plan_jobs(jobs, lambda overrides: loader.load_sweep_config(self.config, overrides))
+            check_output_overrides(list(arguments))
+            planned = sweep.plan_jobs(jobs, lambda overrides: loader.load_sweep_config(self.config, overrides), sweep_dir)
             sweep.check_launcher(self.launcher, self.config)  # before anything is written: a refused launch leaves no trace
         except PruneEvalError as e:
             print(error_text(e), file=sys.stderr)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from prune_eval.analysis.cellfiles import cell_status, error_message, lock_holder, read_summary
-from prune_eval.config import check_quant_backend, config_error, explain_composition_error, input_problems, plan_cell
+from prune_eval.config import check_quant_backend, config_error, explain_composition_error, input_problems, output_dir_problem, plan_cell
 from prune_eval.errors import PruneEvalError
 from prune_eval.records import atomic_write_json
 
@@ -35,19 +35,21 @@ class PlannedCell:
     aliases: list[list[str]] = field(default_factory=list)  # other job overrides resolving here
 
 
-def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig]) -> list[PlannedCell]:
+def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig], sweep_dir: Path | None = None) -> list[PlannedCell]:
     """Compose and validate every job; dedupe by cell. Raises one PruneEvalError listing all problems.
 
     Missing inputs (weights, question files, images) are looked for once per distinct (model, data)
     and said once each, however many jobs need them, each with the command that fetches it; a job
     whose weights are missing is not planned further (its cell is defined by the checkpoint's
-    config), one whose data is missing still is, so its other mistakes are found now too.
+    config), one whose data is missing still is, so its other mistakes are found now too. Jobs that
+    would write outside `sweep_dir` (a swept name, an interpolation of a swept key) are refused first.
     """
     cells: dict[str, PlannedCell] = {}
     problems: list[str] = []
     input_lines: dict[str, None] = {}  # ordered set: each input problem once, however many jobs share it
     inputs_found: dict[str, tuple[list[str], list[str]]] = {}
     backends_checked: set[str] = set()
+    dirs: list[tuple[list[str], str]] = []
     for overrides in jobs:
         overrides = list(overrides)
         label = " ".join(overrides) or "(defaults)"
@@ -56,6 +58,8 @@ def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Dict
                 cfg = compose(overrides)
             except Exception as e:  # Hydra composition errors -> one line
                 raise explain_composition_error(e, overrides, compose) from None
+            if "hydra" in cfg:
+                dirs.append((overrides, str(cfg.hydra.sweep.dir)))
             inputs_key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.data, resolve=True)],
                                     sort_keys=True, default=str)
             if inputs_key not in inputs_found:
@@ -79,6 +83,9 @@ def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Dict
             cells[spec.name].aliases.append(overrides)
         else:
             cells[spec.name] = PlannedCell(spec.name, overrides)
+    scattered = output_dir_problem([j for j, _ in dirs], [d for _, d in dirs], str(sweep_dir) if sweep_dir else None) if dirs else None
+    if scattered:
+        raise PruneEvalError(scattered)
     lines = list(input_lines)
     if len(problems) == 1:
         lines.append(f"{problems[0]} (nothing was launched)")
