@@ -74,59 +74,6 @@ def check_overrides(arguments: list[str]) -> None:
                     raise unknown_choice(key, value, group_choices(key))
 
 
-# Keys that decide where results go. A sweep writes into one directory (hydra.sweep.dir =
-# outputs/<name>) and each cell into the subdirectory its configuration names, which is how the
-# plan, the status table, resuming and the report find the cells: sweeping any of these would
-# scatter the cells where none of them looks.
-OUTPUT_KEYS = {
-    "name": "the sweep directory outputs/<name>",
-    "hydra.sweep.dir": "the sweep directory",
-    "hydra.sweep.subdir": "each cell's directory (named from its configuration)",
-    "hydra.run.dir": "a single run's cell directory",
-    "hydra.output_subdir": "where each job's .hydra config is saved",
-    "hydra.launcher.submitit_folder": "where the launcher's job logs go",
-}
-
-
-def check_output_overrides(arguments: list[str]) -> None:
-    """A sweep over a key that decides where results go (OUTPUT_KEYS) is one line naming it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = [a for a in arguments if not a.startswith("-") and "=" in a]
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:
-        return  # check_overrides says why it does not parse
-    for override in parsed:
-        key = override.get_key_element().lstrip("+~")
-        if key in OUTPUT_KEYS and override.is_sweep_override():
-            raise PruneEvalError(
-                f"{override.input_line} sweeps over {key}, which decides {OUTPUT_KEYS[key]}; a sweep writes all its cells "
-                f"into one directory, so give {key} one value and run one sweep per value"
-            )
-
-
-def output_dir_problem(jobs: list[list[str]], dirs: list[str], expected: str | None = None) -> str | None:
-    """When the jobs of one sweep would write into different sweep directories (`dirs[i]` is job i's
-    resolved hydra.sweep.dir; `expected`, if given, the sweep's own), one sentence naming the sweep
-    overrides that move them (e.g. experiment=demo,null: the demo preset sets name=demo); else None."""
-    where = sorted(set(dirs) | ({expected} if expected else set()))
-    if len(where) <= 1:
-        return None
-    values = [dict(o.split("=", 1) if "=" in o else (o, "") for o in job) for job in jobs]
-    keys = sorted({k for v in values for k in v if len({v2.get(k) for v2 in values}) > 1})
-    moving = []
-    for key in keys:  # jobs equal in every other key but this one, in different directories
-        groups: dict[str, set[str]] = {}
-        for v, d in zip(values, dirs):
-            groups.setdefault(json.dumps({k: x for k, x in v.items() if k != key}, sort_keys=True), set()).add(d)
-        if any(len(g) > 1 for g in groups.values()):
-            moving.append(f"{key}={','.join(dict.fromkeys(v[key] for v in values if key in v))}")
-    through = f" through {', '.join(moving)}" if moving else ""
-    return (f"the jobs of this sweep would write into {len(where)} directories ({', '.join(where[:4])}{', ...' if len(where) > 4 else ''})"
-            f"{through}, but a sweep writes all its cells into one; run one sweep per directory")
-
-
 def _flat_keys(node: DictConfig, prefix: str = "") -> list[str]:
     keys = []
     for k in node.keys():

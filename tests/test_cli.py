@@ -137,7 +137,7 @@ def test_the_issue_command_with_two_names_exits_2_with_one_line(tmp_path) -> Non
 
 
 def test_output_dir_problem_names_the_overrides_that_move_the_directory() -> None:
-    from prune_eval.config import output_dir_problem
+    from prune_eval.overrides import output_dir_problem
 
     jobs = [["method=vanilla", "seed=0"], ["method=vanilla", "seed=1"], ["method=random", "seed=0"], ["method=random", "seed=1"]]
     assert output_dir_problem(jobs, ["outputs/d"] * 4, "outputs/d") is None
@@ -145,3 +145,69 @@ def test_output_dir_problem_names_the_overrides_that_move_the_directory() -> Non
     assert "2 directories (outputs/s0, outputs/s1) through seed=0,1," in message and "method" not in message
     # every job agrees, but not with the sweep's own directory (a preset that sets name, chosen by a glob)
     assert "2 directories (outputs/default, outputs/demo)" in output_dir_problem(jobs, ["outputs/demo"] * 4, "outputs/default")
+
+
+# ----------------------------------------------------------------------------------------------
+# A group option applies to the swept choices that have it
+def compose_choices(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from prune_eval.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_an_option_of_some_swept_choices_applies_to_those_and_the_plan_says_where_not() -> None:
+    from prune_eval.overrides import applicable_jobs
+
+    jobs = [["method=visionzip", "method.version=v1", "seed=0"], ["method=sparsevlm", "method.version=v1", "seed=0"],
+            ["method=random", "++method.version=v2", "seed=1"], ["method=sparsevlm", "++method.version=v2", "seed=1"]]
+    result = applicable_jobs(jobs, compose_choices)
+    assert result.jobs == [["method=visionzip", "seed=0"], ["method=sparsevlm", "method.version=v1", "seed=0"],
+                           ["method=random", "seed=1"], ["method=sparsevlm", "method.version=v2", "seed=1"]]
+    assert result.left_out == {"method.version": ["method=visionzip", "method=random"]}
+    assert result.notes() == ["method.version applies to method=sparsevlm only; left out of the jobs with method=visionzip and "
+                              "method=random, which have no such option"]
+    unchanged = [["method=visionzip", "method.dominant=54"], ["method=visionzip", "method.dominant=40"]]
+    assert applicable_jobs(unchanged, compose_choices).jobs == unchanged and not applicable_jobs(unchanged, compose_choices).notes()
+
+
+@pytest.mark.parametrize("option", ["method.versio=v1", "+method.versio=v1", "++method.versio=v1"])
+def test_an_option_no_swept_choice_has_is_one_line_with_did_you_mean(option) -> None:
+    from prune_eval.errors import PruneEvalError
+    from prune_eval.overrides import applicable_jobs
+
+    jobs = [["method=visionzip", option], ["method=sparsevlm", option]]
+    with pytest.raises(PruneEvalError) as error:
+        applicable_jobs(jobs, compose_choices)
+    assert str(error.value).startswith("unknown key 'method.versio' for method 'visionzip' or 'sparsevlm'; did you mean 'method.version'?")
+    assert "\n" not in str(error.value)
+
+
+def test_adding_a_deeper_key_stays_hydras_business() -> None:
+    """model.dims is an open set of the tiny model's sizes: adding one is allowed (tiny.build_config reads it)."""
+    from prune_eval.overrides import applicable_jobs
+
+    jobs = [["model=tiny", "+model.dims.text_kv_heads=2"]]
+    assert applicable_jobs(jobs, compose_choices).jobs == jobs
+
+
+def test_hydra_gets_a_partial_option_as_force_add_so_its_master_config_composes() -> None:
+    from prune_eval.overrides import force_add_partial_options
+
+    assert force_add_partial_options(["-m", "method=visionzip,sparsevlm", "method.version=v1", "seed=0,1", "budget=64"]) == \
+        ["-m", "method=visionzip,sparsevlm", "++method.version=v1", "seed=0,1", "budget=64"]
+    assert force_add_partial_options(["-m", "method=sparsevlm", "method.version=v1", "seed=0,1"]) == \
+        ["-m", "method=sparsevlm", "method.version=v1", "seed=0,1"]
+    assert force_add_partial_options(["-m", "experiment=demo,demo", "model.path=x"]) == ["-m", "experiment=demo,demo", "++model.path=x"]
+
+
+@pytest.mark.slow
+def test_the_readme_sweep_with_a_sparsevlm_option_runs_and_says_where_it_does_not_apply(tmp_path) -> None:
+    result = run_cli(["-m", "experiment=demo", "method=vanilla,sparsevlm", "method.version=v1", "data.n_images=1",
+                      "eval.max_new_tokens=2"], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "method.version applies to method=sparsevlm only; left out of the jobs with method=vanilla" in result.stdout
+    names = sorted(p.parent.name for p in (tmp_path / "outputs" / "demo").glob("*/summary.json"))
+    assert [n.split("_")[0] for n in names] == ["sparsevlm-v1-64", "vanilla-576"]

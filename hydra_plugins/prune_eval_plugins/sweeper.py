@@ -47,7 +47,7 @@ class PruneEvalSweeper(Sweeper):
     def sweep(self, arguments: list) -> Any:
         from prune_eval.execution import sweep
         from prune_eval.execution.cell import cell_status
-        from prune_eval.config import check_output_overrides
+        from prune_eval.overrides import applicable_jobs, check_output_overrides
         from prune_eval.errors import PruneEvalError, error_text
         from prune_eval.records import atomic_write_bytes
 
@@ -55,9 +55,12 @@ class PruneEvalSweeper(Sweeper):
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]
         sweep_dir = Path(self.config.hydra.sweep.dir)
         loader = self.hydra_context.config_loader
+        compose = lambda overrides: loader.load_sweep_config(self.config, overrides)  # noqa: E731
         try:
             check_output_overrides(list(arguments))
-            planned = sweep.plan_jobs(jobs, lambda overrides: loader.load_sweep_config(self.config, overrides), sweep_dir)
+            applicable = applicable_jobs(jobs, compose)  # group options where the job's choice has them
+            jobs = applicable.jobs
+            planned = sweep.plan_jobs(jobs, compose, sweep_dir)
             sweep.check_launcher(self.launcher, self.config)  # before anything is written: a refused launch leaves no trace
         except PruneEvalError as e:
             print(error_text(e), file=sys.stderr)
@@ -72,6 +75,8 @@ class PruneEvalSweeper(Sweeper):
         todo = [c for c in planned if cell_status(sweep_dir / c.name) != "complete"]
         skipped = len(planned) - len(todo)
         log.info("sweep %s: %d job(s) -> %d cell(s); %d complete, launching %d", sweep_dir, len(jobs), len(planned), skipped, len(todo))
+        for note in applicable.notes():
+            print(note, flush=True)
         results, launcher_failed = [], False
         if todo:
             try:

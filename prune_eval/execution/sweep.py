@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from prune_eval.analysis.cellfiles import cell_status, error_message, lock_holder, read_summary
-from prune_eval.config import check_quant_backend, config_error, explain_composition_error, input_problems, output_dir_problem, plan_cell
+from prune_eval.config import check_quant_backend, config_error, explain_composition_error, input_problems, plan_cell
 from prune_eval.errors import PruneEvalError
+from prune_eval.overrides import output_dir_problem
 from prune_eval.records import atomic_write_json
 
 log = logging.getLogger("prune_eval")
