@@ -2,9 +2,11 @@
 
 `--help` prints prune_eval's usage (prune_eval.usage); Hydra's generic help is `--hydra-help`.
 Before Hydra starts, the command line is checked (unknown group choices and keys get "did you mean"
-and the choices) and, for a single run, the cell is validated and its inputs looked at; a sweep is
-validated by the prune_eval sweeper for every job before any job is launched. User errors print one
-line and exit 2; a failed cell exits 1.
+and the choices; group options are fitted to the swept choices that have them; keys that decide
+where results go are not swept) and, for a single run, the cell is validated and its inputs looked
+at; a sweep is validated by the prune_eval sweeper for every job before any job is launched. User
+errors print one line per problem (`prune_eval: error: ...`) and exit 2; a failed cell exits 1.
+Nothing here imports torch or transformers before the command line is known to be good.
 """
 
 from __future__ import annotations

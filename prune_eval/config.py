@@ -74,14 +74,14 @@ def check_overrides(arguments: list[str]) -> None:
                     raise unknown_choice(key, value, group_choices(key))
 
 
-def _flat_keys(node: DictConfig, prefix: str = "") -> list[str]:
+def flat_keys(node: DictConfig, prefix: str = "") -> list[str]:
     keys = []
     for k in node.keys():
         path = f"{prefix}{k}"
         keys.append(path)
         child = node._get_node(k)
         if isinstance(child, DictConfig):
-            keys.extend(_flat_keys(child, path + "."))
+            keys.extend(flat_keys(child, path + "."))
     return keys
 
 
@@ -99,7 +99,7 @@ def explain_composition_error(error: Exception, overrides: list[str], compose) -
     group_overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
     try:
         base = compose(group_overrides)
-        keys = sorted(k for k in _flat_keys(base) if not k.startswith("hydra"))
+        keys = sorted(k for k in flat_keys(base) if not k.startswith("hydra"))
     except Exception:
         keys = []
     head = key.split(".")[0]

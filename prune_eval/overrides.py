@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from prune_eval.config import GROUPS, _flat_keys
+from prune_eval.config import GROUPS, flat_keys
 from prune_eval.errors import PruneEvalError, did_you_mean
 
 
@@ -58,7 +58,7 @@ def check_output_overrides(arguments: list[str]) -> None:
 def output_dir_problem(jobs: list[list[str]], dirs: list[str], expected: str | None = None) -> str | None:
     """When the jobs of one sweep would write into different sweep directories (`dirs[i]` is job i's
     resolved hydra.sweep.dir; `expected`, if given, the sweep's own), one sentence naming the sweep
-    overrides that move them (e.g. experiment=demo,null: the demo preset sets name=demo); else None."""
+    overrides that move them (e.g. seed=0,1 with name=run${seed}); else None."""
     where = sorted(set(dirs) | ({expected} if expected else set()))
     if len(where) <= 1:
         return None
@@ -74,7 +74,6 @@ def output_dir_problem(jobs: list[list[str]], dirs: list[str], expected: str | N
     through = f" through {', '.join(moving)}" if moving else ""
     return (f"the jobs of this sweep would write into {len(where)} directories ({', '.join(where[:4])}{', ...' if len(where) > 4 else ''})"
             f"{through}, but a sweep writes all its cells into one; run one sweep per directory")
-
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ def _add(table: dict[str, list[str]], key: str, value: str) -> None:
 def _unknown_option(key: str, bases: list[DictConfig]) -> PruneEvalError:
     group = key.split(".", 1)[0]
     names = list(dict.fromkeys(str(b[group].get("name", "?")) for b in bases if group in b))
-    keys = sorted({k for b in bases if group in b for k in _flat_keys(b[group], group + ".")} - {f"{group}.name"})
+    keys = sorted({k for b in bases if group in b for k in flat_keys(b[group], group + ".")} - {f"{group}.name"})
     which = " or ".join(f"'{n}'" for n in names)
     prefix = group + "."
     hint = did_you_mean(key.removeprefix(prefix), [k.removeprefix(prefix) for k in keys]).replace("mean '", f"mean '{prefix}")
