@@ -104,6 +104,15 @@ def _parse(texts: Sequence[str]) -> list[_Override]:
     return out
 
 
+def _choice(cfg: DictConfig, group: str) -> str:
+    """The group's chosen option in a composed config: Hydra's record of it, else its `name`."""
+    try:
+        return str(cfg.hydra.runtime.choices[group])
+    except Exception:  # composed without Hydra's node
+        node = cfg.get(group)
+        return str(node.get("name", "?")) if isinstance(node, DictConfig) else "?"
+
+
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
     node = cfg
     for part in dotted.split("."):
@@ -166,7 +175,7 @@ def applicable_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]]
             if here is None or not any(flags):
                 kept.append(o.text)
                 continue
-            choice = f"{o.group}={base[o.group].get('name', '?')}"
+            choice = f"{o.group}={_choice(base, o.group)}"
             if here:
                 kept.append(o.plain)
                 _add(result.applies_to, o.key, choice)
@@ -185,8 +194,8 @@ def _add(table: dict[str, list[str]], key: str, value: str) -> None:
 
 def _unknown_option(key: str, bases: list[DictConfig]) -> PruneEvalError:
     group = key.split(".", 1)[0]
-    names = list(dict.fromkeys(str(b[group].get("name", "?")) for b in bases if group in b))
-    keys = sorted({k for b in bases if group in b for k in flat_keys(b[group], group + ".")} - {f"{group}.name"})
+    names = list(dict.fromkeys(_choice(b, group) for b in bases))
+    keys = sorted({k for b in bases if isinstance(b.get(group), DictConfig) for k in flat_keys(b[group], group + ".")} - {f"{group}.name"})
     which = " or ".join(f"'{n}'" for n in names)
     prefix = group + "."
     hint = did_you_mean(key.removeprefix(prefix), [k.removeprefix(prefix) for k in keys]).replace("mean '", f"mean '{prefix}")
