@@ -1,9 +1,12 @@
 """`python -m prune_eval [-m] key=value ...`: one cell, or a sweep of cells with -m.
 
+`--help` prints prune_eval's usage (prune_eval.usage); Hydra's generic help is `--hydra-help`.
 Before Hydra starts, the command line is checked (unknown group choices and keys get "did you mean"
-and the choices) and, for a single run, the cell is validated and its inputs looked at; a sweep is
-validated by the prune_eval sweeper for every job before any job is launched. User errors print one
-line and exit 2; a failed cell exits 1.
+and the choices; group options are fitted to the swept choices that have them; keys that decide
+where results go are not swept) and, for a single run, the cell is validated and its inputs looked
+at; a sweep is validated by the prune_eval sweeper for every job before any job is launched. User
+errors print one line per problem (`prune_eval: error: ...`) and exit 2; a failed cell exits 1.
+Nothing here imports torch or transformers before the command line is known to be good.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from prune_eval.config import CONF_DIR, check_inputs, check_overrides, explain_composition_error, plan_cell
-from prune_eval.errors import PruneEvalError
+from prune_eval.config import CONF_DIR, GROUPS, check_overrides, check_quant_backend, explain_composition_error, group_choices, input_problems, plan_cell
+from prune_eval.errors import PruneEvalError, error_text
+from prune_eval.overrides import applicable_jobs, check_output_overrides, force_add_partial_options, output_dir_problem
 
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc")
 MULTIRUN_FLAGS = ("-m", "--multirun")
+HELP_FLAGS = ("--help", "-h")
 
 
 def _cell_name_resolver(*, _root_: DictConfig) -> str:
@@ -51,43 +56,86 @@ def run(cfg: DictConfig) -> str:
     return status
 
 
-def preflight(arguments: list[str]) -> None:
+def preflight(arguments: list[str]) -> list[str]:
     """Everything checkable before Hydra runs: overrides compose for every job; a single run's cell
-    is also validated and its inputs looked at (a sweep's cells are, by the prune_eval sweeper)."""
+    is also validated and its inputs looked at (a sweep's cells are, by the prune_eval sweeper).
+    Returns the command line for Hydra (see overrides.force_add_partial_options)."""
     if any(a in INFO_FLAGS or a.startswith("--cfg") for a in arguments):
-        return
+        return arguments
     check_overrides(arguments)
+    check_output_overrides(arguments)
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ValueType
 
     overrides = [a for a in arguments if not a.startswith("-")]
 
     def compose_job(job_overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=job_overrides)
+            return compose(config_name="config", overrides=job_overrides, return_hydra_config=True)
 
     multirun = any(a in MULTIRUN_FLAGS for a in arguments)
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    if multirun and any(o.value_type == ValueType.GLOB_CHOICE_SWEEP for o in parsed):
-        return  # glob(...) needs Hydra's config loader to expand; the sweeper composes and checks every job
-    jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
+    expanded = _expand_globs(overrides) if multirun else overrides
+    if expanded is None:
+        return arguments  # a glob over one of Hydra's own groups: the sweeper composes and checks every job
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(expanded), None)[0] if multirun else [overrides]
+    jobs = applicable_jobs(jobs, compose_job).jobs
+    dirs = []
     for job in jobs:
         try:
             cfg = compose_job(list(job))
         except Exception as e:  # Hydra composition errors -> one line
             raise explain_composition_error(e, list(job), compose_job) from None
-    if not multirun:
-        plan_cell(cfg)
-        check_inputs(cfg)
+        dirs.append(str(cfg.hydra.sweep.dir))
+    if multirun:
+        scattered = output_dir_problem([list(j) for j in jobs], dirs)
+        if scattered:
+            raise PruneEvalError(scattered)
+        return force_add_partial_options(arguments)
+    model_problems, data_problems = input_problems(cfg)  # all of them at once, one line each
+    problems = model_problems + data_problems
+    if not model_problems:  # without its weights a cell cannot be planned (its shapes come from them)
+        try:
+            plan_cell(cfg)
+            check_quant_backend(cfg)
+        except PruneEvalError as e:
+            problems.append(str(e))
+    if problems:
+        raise PruneEvalError("\n".join(problems))
+    return arguments
+
+
+def _expand_globs(overrides: list[str]) -> list[str] | None:
+    """`method=glob(*zip)` -> `method=visionzip` (as Hydra's sweeper expands it, over the group's
+    choices); None when a glob names a group that is not prune_eval's (Hydra's own)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    out = []
+    for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        if override.value_type != ValueType.GLOB_CHOICE_SWEEP:
+            out.append(text)
+            continue
+        group = override.get_key_element()
+        if group not in GROUPS:
+            return None
+        names = override.value().filter(group_choices(group))
+        if not names:
+            raise PruneEvalError(f"{text} matches no {group} choice; choices: {', '.join(group_choices(group))}")
+        out.append(f"{group}={','.join(names)}")
+    return out
 
 
 def main() -> None:
+    if any(a in HELP_FLAGS for a in sys.argv[1:]):
+        from prune_eval.usage import usage
+
+        print(usage())
+        return
     try:
-        preflight(sys.argv[1:])
+        sys.argv[1:] = preflight(sys.argv[1:])
     except PruneEvalError as e:
-        print(f"prune_eval: error: {e}", file=sys.stderr)
+        print(error_text(e), file=sys.stderr)
         sys.exit(2)
     run()
 

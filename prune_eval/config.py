@@ -6,7 +6,12 @@ any model is loaded or any job is launched.
 - `plan_cell` resolves a composed config into a `CellSpec`: the method's effective parameters, the
   dictionary of everything that defines the result (`experiment`), and the cell's directory name.
   Configurations that resolve to the same experiment get the same name and share one result.
-- `check_inputs` looks at the files a cell needs: weights, question files and images.
+- `input_problems` looks at the files a cell needs (weights, question files, images), one line per
+  problem; `check_quant_backend` at what the CPU can run.
+
+Reading the command line (`check_overrides`, `explain_composition_error`) imports neither torch nor
+transformers: a typo costs a fraction of a second, not the seconds those imports take. Everything
+that needs them (methods, models, data loaders) is imported inside the functions that use it.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from prune_eval.data.pope import SPLITS
 from prune_eval.errors import PruneEvalError, did_you_mean, unknown_choice
-from prune_eval.methods import Method, ModelGeometry, get_method
 from prune_eval.records import sha256_file
+
+if TYPE_CHECKING:  # prune_eval.methods imports torch
+    from prune_eval.methods import Method, ModelGeometry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -67,14 +74,14 @@ def check_overrides(arguments: list[str]) -> None:
                     raise unknown_choice(key, value, group_choices(key))
 
 
-def _flat_keys(node: DictConfig, prefix: str = "") -> list[str]:
+def flat_keys(node: DictConfig, prefix: str = "") -> list[str]:
     keys = []
     for k in node.keys():
         path = f"{prefix}{k}"
         keys.append(path)
         child = node._get_node(k)
         if isinstance(child, DictConfig):
-            keys.extend(_flat_keys(child, path + "."))
+            keys.extend(flat_keys(child, path + "."))
     return keys
 
 
@@ -92,7 +99,7 @@ def explain_composition_error(error: Exception, overrides: list[str], compose) -
     group_overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
     try:
         base = compose(group_overrides)
-        keys = sorted(k for k in _flat_keys(base) if not k.startswith("hydra"))
+        keys = sorted(k for k in flat_keys(base) if not k.startswith("hydra"))
     except Exception:
         keys = []
     head = key.split(".")[0]
@@ -115,6 +122,7 @@ class CellSpec:
 
 def model_geometry(model_cfg) -> ModelGeometry:
     """The model's shapes from its config alone (no weights loaded)."""
+    from prune_eval.methods import ModelGeometry
     from prune_eval.models import loading, tiny
 
     if loading.source_of(model_cfg) == "tiny":
@@ -226,6 +234,7 @@ def check_run_options(cfg: DictConfig) -> None:
 def _plan_cell(cfg: DictConfig) -> CellSpec:
     from prune_eval.data import DATASETS, check_data_options
     from prune_eval.data.images import PREPROCESSORS
+    from prune_eval.methods import get_method
     from prune_eval.models.loading import SOURCES, source_of
     from prune_eval.models.quant import precision_of
 
@@ -297,16 +306,39 @@ def cell_name(experiment: dict[str, Any], budget: int) -> str:
     )
 
 
-def check_inputs(cfg: DictConfig) -> None:
-    """Weights, question files and images exist and agree with the config."""
-    from prune_eval.data import load_dataset
+def input_problems(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """(model lines, data lines): one line per problem with the files this cell reads, each naming
+    the command that fetches a missing one: the weights (model.allow_download=true downloads them
+    here), the POPE question files (missing, or not the configured version), the images (a count and
+    an example path). Images are decoded later, by the cell. A config the model loader cannot even
+    read is left to plan_cell's error."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from prune_eval.data import input_problems as data_problems
     from prune_eval.models.loading import check_available
+
+    model: list[str] = []
+    try:
+        check_available(cfg.model)
+    except PruneEvalError as e:
+        model.append(str(e))
+    except OmegaConfBaseException:
+        pass
+    try:
+        data = data_problems(cfg.data)
+    except OmegaConfBaseException:
+        data = []
+    return model, data
+
+
+def check_quant_backend(cfg: DictConfig) -> None:
+    """On the CPU, the quantization backend can run this model's layer widths (GPU jobs check theirs
+    on the GPU node, before loading)."""
+    if str(cfg.device) != "cpu":
+        return
+    import torch
+
     from prune_eval.models.quant import check_backend, precision_of
 
-    check_available(cfg.model)
-    load_dataset(cfg.data).check_images()
-    if str(cfg.device) == "cpu":  # GPU jobs check their backend on the GPU node, before loading
-        import torch
-
-        geometry = model_geometry(cfg.model)
-        check_backend(precision_of(cfg.quant), torch.device("cpu"), (geometry.text_hidden, geometry.text_intermediate))
+    geometry = model_geometry(cfg.model)
+    check_backend(precision_of(cfg.quant), torch.device("cpu"), (geometry.text_hidden, geometry.text_intermediate))

@@ -28,3 +28,10 @@ def unknown_choice(what: str, value: object, choices: Iterable[str]) -> PruneEva
     return PruneEvalError(
         f"unknown {what} '{value}'{did_you_mean(str(value), choices)} choices: {', '.join(choices)}"
     )
+
+
+def error_text(error: Exception, prog: str = "prune_eval") -> str:
+    """What a command prints for a PruneEvalError: every line of the message prefixed
+    "<prog>: error: ", except continuation lines (indented), which belong to the line above. Several
+    independent problems (e.g. one line per missing input) are several lines, each self-contained."""
+    return "\n".join(line if line[:1].isspace() else f"{prog}: error: {line}" for line in str(error).splitlines() or [""])

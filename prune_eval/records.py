@@ -52,6 +52,10 @@ RECORD_FIELDS = (
     "stop_reason",
 )
 PART_GLOB = "part-*.jsonl"
+# Which text `raw_answer` holds (summary.json's "raw_answer"); both parsing rules read exactly this text.
+RAW_ANSWER_DECODED = ("the generated tokens decoded with skip_special_tokens and stripped, as LLaVA's "
+                      "model_vqa_loader.py writes them to its answer file")
+RAW_ANSWER_INGESTED = "the answer file's 'text', byte for byte"
 
 
 def sha256_file(path: Path) -> str:

@@ -18,6 +18,8 @@ from prune_eval.execution.engine import generate_rows, tokenized_prompts, visual
 from prune_eval.methods import get_method
 from prune_eval.models.prompt import tokenize_prompts
 
+pytestmark = pytest.mark.transformers  # also run against the lowest supported transformers (.ci/run)
+
 CASES = [("vanilla", {}, 576), ("visionzip", {}, 64), ("random", {}, 32)]
 
 

@@ -307,6 +307,27 @@ def test_bad_launcher_input_is_one_line_before_anything_runs(tmp_path, args, env
     errors = [line for line in result.stderr.splitlines() if line.startswith("prune_eval: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not list(tmp_path.glob("outputs/demo/*/launches.jsonl")) and not list(tmp_path.glob("outputs/demo/*/records"))
+    assert not (tmp_path / "outputs" / "demo" / "plan.json").exists() and not (tmp_path / "outputs" / "demo" / "multirun.yaml").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_refused_launch_leaves_plan_json_untouched_also_when_every_cell_is_complete(tmp_path) -> None:
+    """launch=slurm without sbatch after a finished sweep: refused in one line, for a new seed (a cell
+    that would have been planned) and for the complete one (nothing left to launch) alike; plan.json
+    and multirun.yaml keep their bytes, so the report lists no phantom "missing" cell."""
+    done = run_cli(["-m", *FAST_DEMO, "data.n_images=1", "method=vanilla", "seed=0"], tmp_path, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sweep = tmp_path / "outputs" / "demo"
+    before = {name: (sweep / name).read_bytes() for name in ("plan.json", "multirun.yaml")}
+    for seeds in ("5", "0"):
+        refused = run_cli(["-m", *FAST_DEMO, "data.n_images=1", "method=vanilla", f"seed={seeds}", "launch=slurm"], tmp_path,
+                          env={"PATH": str(tmp_path / "empty-bin")}, timeout=120)
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+        errors = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and "launch=slurm needs `sbatch`" in errors[0], refused.stderr[-2000:]
+        assert {name: (sweep / name).read_bytes() for name in before} == before
+    assert len(json.loads(before["plan.json"])["cells"]) == 1
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ from prune_eval.models import loading
 from prune_eval.models.prompt import tokenize_prompts, vicuna_v1_prompt
 from prune_eval.models.vision import encode_images
 
+pytestmark = pytest.mark.transformers  # also run against the lowest supported transformers (.ci/run)
+
 SETTINGS = EvalSettings(batch_size=4, max_new_tokens=6, stop_when_decided=False, fast=False)
 
 
@@ -80,3 +82,37 @@ def test_prompt_split_around_the_image(tiny_bundle) -> None:
         tokenized = tokenize_prompts([question.prompt], bundle.tokenizer, mode=mode, image_token_id=bundle.image_token_id)
         assert list(tokenized.prefix) + [bundle.image_token_id] + list(tokenized.suffixes[0]) == full
         assert tokenized.prefix[0] == bundle.tokenizer.bos_token_id
+
+
+def test_decoder_loop_passes_the_cache_under_the_installed_name_without_a_warning(tiny_bundle) -> None:
+    """transformers 5.24 renamed the layers' `past_key_values` to `cache` (and warns on the old name);
+    5.17 knows only the old one. Either way: no deprecation warning, and the cache is filled (a name
+    the layer does not know would vanish into **kwargs and leave it empty)."""
+    import inspect
+    import warnings
+
+    from prune_eval.models.llm import KVCache
+
+    layer_parameters = inspect.signature(type(tiny_bundle.lm.layers[0]).forward).parameters
+    assert tiny_bundle.lm.cache_kwarg in layer_parameters
+    assert tiny_bundle.lm.cache_kwarg == ("cache" if "cache" in layer_parameters else "past_key_values")
+    questions = synthetic.make_questions(1, seed=0)[:2]
+    pixel_values = images.preprocess([synthetic.render_image(0, 0)] * 2, "pad", tiny_bundle.image_processor)
+    visual = visual_tokens(tiny_bundle, get_method("vanilla"), {}, pixel_values, [0, 0])
+    tokenized = tokenized_prompts(tiny_bundle, questions)
+    filled: list[list[int]] = []
+    original_update = KVCache.update
+
+    def watched_update(self, key, value, layer_idx, *args, **kwargs):
+        result = original_update(self, key, value, layer_idx, *args, **kwargs)
+        filled.append(self.lengths())
+        return result
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a FutureWarning/DeprecationWarning from any layer call fails the test
+        KVCache.update = watched_update
+        try:
+            generate_rows(tiny_bundle, tokenized.prefix, visual, tokenized.suffixes, SETTINGS)
+        finally:
+            KVCache.update = original_update
+    assert filled and all(n > 0 for n in filled[-1]), "the decoder layers never wrote the KV cache"

@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 from prune_eval.errors import PruneEvalError
 from prune_eval.models import loading
 
+pytestmark = pytest.mark.transformers  # also run against the lowest supported transformers (.ci/run)
+
 
 def saved_checkpoint(bundle, path):
     bundle.model.save_pretrained(path)

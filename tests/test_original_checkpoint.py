@@ -29,6 +29,8 @@ from prune_eval.models import loading, original, tiny
 from prune_eval.models.prompt import SYSTEM_VICUNA_V1, tokenize_prompts, vicuna_v1_prompt
 from prune_eval.models.sentencepiece_llama import SentencePieceLlamaTokenizer
 
+pytestmark = pytest.mark.transformers  # also run against the lowest supported transformers (.ci/run)
+
 IMAGE_TOKEN_INDEX = -200  # llava/constants.py
 QUESTION = "Is there a dog in the image?\nAnswer the question using a single word or phrase."
 SETTINGS = EvalSettings(batch_size=2, max_new_tokens=3, stop_when_decided=False, fast=False)

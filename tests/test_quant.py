@@ -16,6 +16,8 @@ from prune_eval.methods import get_method
 from prune_eval.models import loading
 from prune_eval.models.quant import check_backend, precision_of
 
+pytestmark = pytest.mark.transformers  # also run against the lowest supported transformers (.ci/run)
+
 SETTINGS = EvalSettings(batch_size=2, max_new_tokens=2, stop_when_decided=False, fast=False)
 QUANTS = {
     "fp32": {"name": "fp32", "dtype": "float32"},

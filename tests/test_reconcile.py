@@ -338,7 +338,7 @@ def test_documented_report_example_runs_and_its_quotes_are_real(tmp_path) -> Non
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    md = (work / "compare" / "report" / "report.md").read_text().replace("**", "")
+    md = (work / "outputs" / "compare" / "report" / "report.md").read_text().replace("**", "")
     lines = quoted(docs)
     assert len(lines) == 6 and quoted(readme)[: len(lines)] == lines
     for line in lines:

@@ -14,6 +14,8 @@ from prune_eval.methods.random_tokens import random_indices
 from prune_eval.methods.visionzip import PUBLISHED_SPLITS, resolve, visionzip_tokens
 from prune_eval.models.vision import VisionOutputs, encode_images
 
+pytestmark = pytest.mark.transformers  # also run against the lowest supported transformers (.ci/run)
+
 GEOMETRY = ModelGeometry(n_patches=576, vision_layers=24, vision_heads=16, text_layers=32, text_heads=32, text_hidden=4096, text_intermediate=11008)
 
 

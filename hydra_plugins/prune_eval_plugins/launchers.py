@@ -80,6 +80,11 @@ class _CellLauncher(BaseSubmititLauncher):
     def launch_cells(self, job_overrides: Sequence[Sequence[str]], cell_dirs: Sequence[Path]) -> Sequence[str]:
         raise NotImplementedError
 
+    def check_before_launch(self) -> None:
+        """Raise PruneEvalError for launcher input that would fail; prune_eval's sweeper calls this
+        before it writes plan.json, so a refused launch leaves no trace."""
+        raise NotImplementedError
+
 
 class LocalGpusLauncher(_CellLauncher):
     _EXECUTOR = "local"
@@ -89,6 +94,11 @@ class LocalGpusLauncher(_CellLauncher):
 
         return launch_local_gpus(self, job_overrides, cell_dirs, **self.params)
 
+    def check_before_launch(self) -> None:
+        from prune_eval.execution.launching import check_local_gpus_launch
+
+        check_local_gpus_launch(self.config, **self.params)
+
 
 class PruneEvalSlurmLauncher(_CellLauncher):
     _EXECUTOR = "slurm"
@@ -97,3 +107,8 @@ class PruneEvalSlurmLauncher(_CellLauncher):
         from prune_eval.execution.launching import launch_slurm
 
         return launch_slurm(self, job_overrides, cell_dirs, self.params)
+
+    def check_before_launch(self) -> None:
+        from prune_eval.execution.launching import check_slurm_launch
+
+        check_slurm_launch(self.config, self.params)

@@ -47,34 +47,42 @@ class PruneEvalSweeper(Sweeper):
     def sweep(self, arguments: list) -> Any:
         from prune_eval.execution import sweep
         from prune_eval.execution.cell import cell_status
-        from prune_eval.errors import PruneEvalError
+        from prune_eval.overrides import applicable_jobs, check_output_overrides
+        from prune_eval.errors import PruneEvalError, error_text
         from prune_eval.records import atomic_write_bytes
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]
         sweep_dir = Path(self.config.hydra.sweep.dir)
         loader = self.hydra_context.config_loader
+        compose = lambda overrides: loader.load_sweep_config(self.config, overrides)  # noqa: E731
         try:
-            planned = sweep.plan_jobs(jobs, lambda overrides: loader.load_sweep_config(self.config, overrides))
+            check_output_overrides(list(arguments))
+            applicable = applicable_jobs(jobs, compose)  # group options where the job's choice has them
+            jobs = applicable.jobs
+            planned = sweep.plan_jobs(jobs, compose, sweep_dir)
+            sweep.check_launcher(self.launcher, self.config)  # before anything is written: a refused launch leaves no trace
         except PruneEvalError as e:
-            print(f"prune_eval: error: {e}", file=sys.stderr)
+            print(error_text(e), file=sys.stderr)
             sys.exit(2)
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config).encode())  # a second sweep may write it too
             sweep.record_plan(sweep_dir, planned)
         except (PruneEvalError, OSError) as e:
-            print(f"prune_eval: error: {e}", file=sys.stderr)
+            print(error_text(e), file=sys.stderr)
             sys.exit(2)
         todo = [c for c in planned if cell_status(sweep_dir / c.name) != "complete"]
         skipped = len(planned) - len(todo)
         log.info("sweep %s: %d job(s) -> %d cell(s); %d complete, launching %d", sweep_dir, len(jobs), len(planned), skipped, len(todo))
+        for note in applicable.notes():
+            print(note, flush=True)
         results, launcher_failed = [], False
         if todo:
             try:
                 results = sweep.launch(self.launcher, todo, sweep_dir)
             except PruneEvalError as e:  # bad launcher input, found before anything was submitted
-                print(f"prune_eval: error: {e}", file=sys.stderr)
+                print(error_text(e), file=sys.stderr)
                 sys.exit(2)
             except Exception as e:  # a job or the scheduler broke: still print the table and report
                 launcher_failed = True

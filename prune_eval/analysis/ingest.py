@@ -15,6 +15,11 @@ Metadata (`--model llava-1.5-7b --method sparsevlm --version v1.5 --budget 64 [-
 cell's experiment, so the report matches the answers with the published numbers and with our own cells
 of the same configuration, and puts them into the reconciliation. `--pope-version` names the POPE
 question-file version (detected from checksums by default).
+
+The answer's `text` is stored byte for byte as `raw_answer` and both parsing rules read exactly that
+text, as their originals do: LLaVA's eval_pope.py applies its rule to the answer file's `text` without
+stripping it (so "No\n" is a *yes* there, and here), lmms-eval lower-cases and strips the generated
+text itself. Nothing is cleaned up on the way in.
 """
 
 from __future__ import annotations
@@ -71,6 +76,11 @@ def match_answers(answers: list[dict], questions: list[pope.Question], *, llava_
             raise PruneEvalError(f"{path}:{line}: answer's prompt {(str(prompt).splitlines() or [''])[0]!r} is not question {key} {question.question!r}")
         if not isinstance(answer["text"], str):
             raise PruneEvalError(f"{path}:{line}: 'text' must be a string, got {type(answer['text']).__name__}")
+        try:
+            answer["text"].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate written as a \udXXX escape: no UTF-8 file can store it
+            raise PruneEvalError(f"{path}:{line}: 'text' {json.dumps(answer['text'])[:60]} holds an unpaired surrogate, "
+                                 "which is not text and cannot be stored exactly") from None
         matched[key] = (question, answer)
     missing = [q.key for q in questions if q.key not in matched]
     if missing:
@@ -94,6 +104,17 @@ def metadata_fields(metadata: dict | None) -> dict:
     return fields
 
 
+def answer_record(question: pope.Question, text: str) -> dict:
+    """The record of one ingested answer: `text` exactly as the answer file holds it, parsed as is."""
+    return {
+        "schema_version": records.SCHEMA_VERSION, "key": question.key, "split": question.split,
+        "question_id": question.question_id, "image": question.image, "label": question.label,
+        "question": question.question, "raw_answer": text,
+        "pred_llava": metrics.parse_llava(text), "pred_exact": metrics.parse_exact(text),
+        "visual_tokens": None, "new_tokens": None, "stop_reason": None,
+    }
+
+
 def ingest(questions_path: Path, label_dir: Path, answers_path: Path, *, name: str, out: Path,
            version: str | None = None, split: str | None = None, splits: tuple[str, ...] = pope.SPLITS,
            allow_unknown_version: bool = False, metadata: dict | None = None) -> Path:
@@ -112,15 +133,7 @@ def ingest(questions_path: Path, label_dir: Path, answers_path: Path, *, name: s
     cell_dir = Path(out) / name
     if (cell_dir / SUMMARY).exists() or records.part_paths(cell_dir):
         raise PruneEvalError(f"{cell_dir} already exists; choose another --name or remove it")
-    cell_records = [
-        {
-            "schema_version": records.SCHEMA_VERSION, "key": q.key, "split": q.split, "question_id": q.question_id,
-            "image": q.image, "label": q.label, "question": q.question, "raw_answer": a["text"].strip(),
-            "pred_llava": metrics.parse_llava(a["text"].strip()), "pred_exact": metrics.parse_exact(a["text"]),
-            "visual_tokens": None, "new_tokens": None, "stop_reason": None,
-        }
-        for q, a in pairs
-    ]
+    cell_records = [answer_record(q, a["text"]) for q, a in pairs]
     records.write_part(cell_dir, cell_records)
     model_ids = sorted({str(a.get("model_id")) for _, a in pairs if a.get("model_id")})
     experiment = {"ingested": name, "answers_sha256": records.sha256_file(answers_path),
@@ -133,6 +146,7 @@ def ingest(questions_path: Path, label_dir: Path, answers_path: Path, *, name: s
         "experiment": experiment,
         "ingested": {"answers": str(answers_path), "answers_sha256": experiment["answers_sha256"], "model_ids": model_ids,
                      "metadata": {k: v for k, v in (metadata or {}).items() if v is not None}},
+        "raw_answer": records.RAW_ANSWER_INGESTED,
         "method": experiment.get("method") or {"name": name, "version": None, "params": {}},
         "data": provenance,
         "metrics": metrics.record_metrics(cell_records, list(splits)),

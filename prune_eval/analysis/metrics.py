@@ -5,10 +5,13 @@ Pure numpy: no torch, no files. Everything is computed from confusion counts so 
 counts, which is exact and vectorised.
 
 Conventions (facts: ../shared/notes/pope.md):
-- Parsing rules. `llava` is LLaVA's eval_pope.py: text before the first '.', commas dropped, split on
-  ' '; "no" if 'No', 'not' or 'no' is among the words, else "yes" (empty or garbage counts as yes).
-  `exact` is lmms-eval's: lower-cased stripped answer must equal "yes" or "no"; anything else is
-  "other", wrong for accuracy and ignored by precision and recall.
+- Parsing rules, each applied to the raw answer text exactly as stored (`raw_answer`), byte for byte
+  as its original applies it. `llava` is LLaVA's llava/eval/eval_pope.py: the text before the first
+  '.', commas dropped, split on ' ' (a space only, no stripping: "No\n" is one word "No\n", so a
+  *yes*); "no" if 'No', 'not' or 'no' is among the words, else "yes" (empty or garbage counts as
+  yes). `exact` is lmms-eval's lmms_eval/tasks/pope/utils.py: `text.lower().strip()` (Python's
+  str.strip: every Unicode whitespace, not zero-width spaces) must equal "yes" or "no"; anything
+  else is "other", wrong for accuracy and ignored by precision and recall.
 - Aggregation. The papers' POPE number is the mean over splits of per-split F1 (`mean_f1`);
   lmms-eval's `pope` task pools all questions into one F1 (`pooled_f1`); some reproductions report
   accuracy.
@@ -34,7 +37,8 @@ TP, FP, TN, FN, OTHER_YES, OTHER_NO = range(6)
 
 
 def parse_llava(text: str) -> str:
-    """LLaVA's eval_pope.py rule: 'yes' or 'no' (never 'other')."""
+    """LLaVA's eval_pope.py rule on the raw text: 'yes' or 'no' (never 'other'). No stripping: LLaVA
+    applies it to the answer file's text as stored (model_vqa_loader strips before writing it)."""
     if "." in text:
         text = text.split(".")[0]
     words = text.replace(",", "").split(" ")
@@ -42,7 +46,8 @@ def parse_llava(text: str) -> str:
 
 
 def parse_exact(text: str) -> str:
-    """lmms-eval's rule: 'yes', 'no', or 'other' when the answer is not exactly one of them."""
+    """lmms-eval's rule (pope_process_results: `results[0].lower().strip()`): 'yes', 'no', or 'other'
+    when the lower-cased, stripped answer is not exactly one of them."""
     answer = text.lower().strip()
     return answer if answer in ("yes", "no") else "other"
 

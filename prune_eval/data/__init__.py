@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prune_eval.data import pope, synthetic
 from prune_eval.data.pope import Question
-from prune_eval.errors import PruneEvalError
+from prune_eval.errors import PruneEvalError, unknown_choice
 from prune_eval.registry import Registry
 
 
@@ -56,6 +56,8 @@ def check_data_options(data_cfg) -> None:
     if str(data_cfg.get("name")) == "pope-synthetic":
         _whole_number(data_cfg, "n_images", 1)
         _whole_number(data_cfg, "seed", 0)
+        if str(data_cfg.get("version")) != synthetic.GENERATOR_VERSION:
+            raise PruneEvalError(f"data.version={data_cfg.get('version')} for pope-synthetic; this code generates version {synthetic.GENERATOR_VERSION}")
 
 
 @DATASETS.register("pope")
@@ -79,8 +81,6 @@ def load_pope(data_cfg) -> Dataset:
 def load_synthetic(data_cfg) -> Dataset:
     check_data_options(data_cfg)
     n_images = data_cfg.n_images
-    if str(data_cfg.version) != synthetic.GENERATOR_VERSION:
-        raise PruneEvalError(f"data.version={data_cfg.version} for pope-synthetic; this code generates version {synthetic.GENERATOR_VERSION}")
     splits = _splits(data_cfg)
     questions = synthetic.make_questions(n_images, seed=int(data_cfg.seed), splits=splits)
     provenance = {
@@ -93,6 +93,56 @@ def load_synthetic(data_cfg) -> Dataset:
     from prune_eval.data import images
 
     return Dataset(questions, images.synthetic_loader(), provenance, lambda: None)
+
+
+def input_problems(data_cfg) -> list[str]:
+    """One line per problem with the files this data config reads, each self-contained: missing
+    question files (with the command that fetches them), question files that are not the configured
+    POPE version or not valid, missing images (a count, an example path, the command that fetches
+    them); [] when all is well or nothing is read (synthetic POPE).
+
+    A sweep calls this once per distinct data config, before anything runs, so that everything
+    missing is said at once. Images: the ones the question files ask about when those are readable,
+    else POPE's 500 (the shipped list). Only their existence is checked here; the cell decodes them.
+    """
+    if str(data_cfg.get("name")) != "pope":
+        return []
+    try:
+        splits = _splits(data_cfg)
+    except PruneEvalError as e:
+        return [str(e)]
+    lines = []
+    version = str(data_cfg.get("version"))
+    question_dir = Path(str(data_cfg.question_dir)).expanduser()
+    llava_file = data_cfg.get("llava_question_file")
+    if version not in pope.KNOWN_VERSIONS:
+        lines.append(str(unknown_choice("POPE version (data.version)", version, pope.KNOWN_VERSIONS)))
+    missing = pope.missing_files(question_dir, splits)
+    if missing:
+        out = "" if question_dir.resolve() == Path(f"data/pope/{version}").resolve() else f" --out {question_dir}"
+        fetch = (f"fetch them with `python -m prune_eval.assets pope-questions --version {version}{out}` (POPE {version}), or "
+                 if version in pope.KNOWN_VERSIONS else "")
+        lines.append(f"missing POPE question file(s): {', '.join(missing)}; {fetch}set data.question_dir to a folder that has them")
+    if llava_file and not Path(str(llava_file)).expanduser().is_file():
+        lines.append(f"data.llava_question_file={llava_file} does not exist; it is LLaVA's llava_pope_test.jsonl "
+                     f"(playground/data/eval/pope/ in haotian-liu/LLaVA), or set data.llava_question_file=null to use POPE's files")
+    names = None
+    if not lines:
+        try:
+            names = sorted({q.image for q in load_dataset(data_cfg).questions})
+        except PruneEvalError as e:  # another POPE version, a malformed file, ...
+            lines.append(str(e))
+    if names is None:
+        from prune_eval.assets.pope import NAMES_FILE
+
+        names = sorted({line.strip() for line in NAMES_FILE.read_text().splitlines() if line.strip()})
+    image_dir = Path(str(data_cfg.image_dir)).expanduser()
+    absent = [n for n in names if not (image_dir / n).is_file()]
+    if absent:
+        out = "" if image_dir.resolve() == Path("data/coco/val2014").resolve() else f" --out {image_dir}"
+        lines.append(f"{len(absent)} of {len(names)} POPE images missing in data.image_dir={image_dir}, e.g. "
+                     f"{image_dir / absent[0]}; fetch them with `python -m prune_eval.assets pope-images{out}`")
+    return lines
 
 
 def load_dataset(data_cfg) -> Dataset:

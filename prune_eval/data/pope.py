@@ -113,10 +113,16 @@ def identify_version(question_dir: Path, splits: tuple[str, ...] = SPLITS) -> tu
     return None, checksums
 
 
-def check_files_exist(question_dir: Path, splits: tuple[str, ...], llava_question_file: Path | None) -> None:
+def missing_files(question_dir: Path, splits: tuple[str, ...], llava_question_file: Path | None = None) -> list[str]:
+    """The question files (paths) of these splits that are not on disk."""
     missing = [str(pope_file(question_dir, s)) for s in splits if not pope_file(question_dir, s).is_file()]
     if llava_question_file is not None and not Path(llava_question_file).is_file():
         missing.append(str(llava_question_file))
+    return missing
+
+
+def check_files_exist(question_dir: Path, splits: tuple[str, ...], llava_question_file: Path | None) -> None:
+    missing = missing_files(question_dir, splits, llava_question_file)
     if missing:
         raise PruneEvalError(
             f"missing POPE question file(s): {', '.join(missing)}; set data.question_dir to a folder with "

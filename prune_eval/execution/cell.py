@@ -263,6 +263,7 @@ def write_summary(cfg: DictConfig, spec: CellSpec, cell_dir: Path, dataset, mode
         "model": model_info or previous.get("model") or read_model_info(cell_dir),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "metrics": metrics.record_metrics(verified.records, list(cfg.data.splits)),
+        "raw_answer": records.RAW_ANSWER_DECODED,
         "compute": summarize_compute(verified.records, hidden=spec.geometry.text_hidden, intermediate=spec.geometry.text_intermediate),
         "numerics": numerics_summary(cell_dir, spec.experiment.get("numerics"), bool(cfg.eval.get("allow_mixed_numerics", False))),
         "n_questions": len(verified.records),

@@ -92,7 +92,9 @@ def visual_tokens(
 
 
 def decoded_text(tokenizer, token_ids: list[int]) -> str:
-    """As LLaVA: decode without special tokens, strip."""
+    """The answer text as LLaVA's llava/eval/model_vqa_loader.py writes it to its answer file:
+    `batch_decode(ids, skip_special_tokens=True)[0].strip()`. This stripped text is what a cell stores
+    as `raw_answer` (records.RAW_ANSWER_DECODED) and what eval_pope.py's rule reads in LLaVA's pipeline."""
     return tokenizer.decode(token_ids, skip_special_tokens=True).strip()
 
 

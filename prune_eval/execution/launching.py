@@ -290,6 +290,31 @@ def check_device_for_one_gpu(device: Any) -> None:
         raise PruneEvalError(f"device={text} with launch=local-gpus: each cell sees only its own GPU, as cuda:0; use device=auto or device=cuda")
 
 
+def check_local_gpus_launch(config, *, gpus: Any = "all", skip_busy: bool = True, busy_memory_mib: float = 1024,
+                            query: Callable[[], list[GpuInfo] | None] = query_gpus, **_ignored: Any) -> list[str]:
+    """Every check launch=local-gpus makes before a cell starts (the sweeper runs it before it writes
+    anything, also when no cell is left to run); returns the GPU pool. `config` is the sweep's."""
+    check_launch_overrides(config.hydra.overrides.task)
+    check_device_for_one_gpu(config.get("device"))
+    return gpu_pool(gpus, skip_busy=skip_busy, busy_memory_mib=busy_memory_mib, query=query)
+
+
+def _slurm_params(params: Mapping[str, Any]) -> dict:
+    params = dict(params)
+    if not params.get("gpus_per_node"):  # launch.gpus=0 means CPU-only, like null
+        params["gpus_per_node"] = None
+    return params
+
+
+def check_slurm_launch(config, params: Mapping[str, Any]) -> None:
+    """Every check launch=slurm makes before submitting (the sweeper runs it before it writes
+    anything, also when no cell is left to run). `params` are the launcher's (hydra.launcher.*)."""
+    params = _slurm_params(params)
+    check_launch_overrides(config.hydra.overrides.task)
+    check_slurm(params.get("partition"), SlurmRequest(cpus=params.get("cpus_per_task"), mem_gb=params.get("mem_gb"),
+                                                      gpus=params.get("gpus_per_node"), time_min=params.get("timeout_min")))
+
+
 # --------------------------------------------------------------------------------------------
 # The worker side: runs in the cell's own process
 # --------------------------------------------------------------------------------------------
@@ -527,9 +552,7 @@ def launch_local_gpus(launcher, job_overrides: Sequence[Sequence[str]], cell_dir
     from submitit.helpers import DelayedSubmission
 
     out = out or (lambda line: print(line, flush=True))
-    check_launch_overrides(launcher.config.hydra.overrides.task)
-    check_device_for_one_gpu(launcher.config.get("device"))
-    pool = gpu_pool(gpus, skip_busy=skip_busy, busy_memory_mib=busy_memory_mib, query=query)
+    pool = check_local_gpus_launch(launcher.config, gpus=gpus, skip_busy=skip_busy, busy_memory_mib=busy_memory_mib, query=query)
     folder = Path(str(launcher.config.hydra.sweep.dir)).absolute() / ".submitit" / f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
     jobs, pickles = [], []
@@ -721,14 +744,10 @@ def launch_slurm(launcher, job_overrides: Sequence[Sequence[str]], cell_dirs: Se
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     out = out or (lambda line: print(line, flush=True))
-    params = dict(params)
-    if not params.get("gpus_per_node"):  # launch.gpus=0 means CPU-only, like null
-        params["gpus_per_node"] = None
+    params = _slurm_params(params)
     poll_s, progress_s = params.pop("poll_s"), params.pop("progress_s")
     lost_after_s, max_array_size = params.pop("lost_after_s"), int(params.pop("max_array_size"))
-    check_launch_overrides(launcher.config.hydra.overrides.task)
-    check_slurm(params.get("partition"), SlurmRequest(cpus=params.get("cpus_per_task"), mem_gb=params.get("mem_gb"),
-                                                      gpus=params.get("gpus_per_node"), time_min=params.get("timeout_min")))
+    check_slurm_launch(launcher.config, params)
 
     folder = Path(str(params.pop("submitit_folder"))).absolute()
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=int(params.pop("max_num_timeout")))

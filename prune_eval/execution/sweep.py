@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from prune_eval.analysis.cellfiles import cell_status, error_message, lock_holder, read_summary
-from prune_eval.config import check_inputs, explain_composition_error, plan_cell
+from prune_eval.config import check_quant_backend, config_error, explain_composition_error, input_problems, plan_cell
 from prune_eval.errors import PruneEvalError
+from prune_eval.overrides import output_dir_problem
 from prune_eval.records import atomic_write_json
 
 log = logging.getLogger("prune_eval")
@@ -34,11 +36,21 @@ class PlannedCell:
     aliases: list[list[str]] = field(default_factory=list)  # other job overrides resolving here
 
 
-def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig]) -> list[PlannedCell]:
-    """Compose and validate every job; dedupe by cell. Raises one PruneEvalError listing all problems."""
+def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig], sweep_dir: Path | None = None) -> list[PlannedCell]:
+    """Compose and validate every job; dedupe by cell. Raises one PruneEvalError listing all problems.
+
+    Missing inputs (weights, question files, images) are looked for once per distinct (model, data)
+    and said once each, however many jobs need them, each with the command that fetches it; a job
+    whose weights are missing is not planned further (its cell is defined by the checkpoint's
+    config), one whose data is missing still is, so its other mistakes are found now too. Jobs that
+    would write outside `sweep_dir` (a swept name, an interpolation of a swept key) are refused first.
+    """
     cells: dict[str, PlannedCell] = {}
     problems: list[str] = []
-    checked_inputs: set[str] = set()
+    input_lines: dict[str, None] = {}  # ordered set: each input problem once, however many jobs share it
+    inputs_found: dict[str, tuple[list[str], list[str]]] = {}
+    backends_checked: set[str] = set()
+    dirs: list[tuple[list[str], str]] = []
     for overrides in jobs:
         overrides = list(overrides)
         label = " ".join(overrides) or "(defaults)"
@@ -47,22 +59,41 @@ def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Dict
                 cfg = compose(overrides)
             except Exception as e:  # Hydra composition errors -> one line
                 raise explain_composition_error(e, overrides, compose) from None
+            if "hydra" in cfg:
+                dirs.append((overrides, str(cfg.hydra.sweep.dir)))
+            inputs_key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.data, resolve=True)],
+                                    sort_keys=True, default=str)
+            if inputs_key not in inputs_found:
+                inputs_found[inputs_key] = input_problems(cfg)
+            model_problems, data_problems = inputs_found[inputs_key]
+            input_lines.update(dict.fromkeys(model_problems + data_problems))
+            if model_problems:
+                continue
             spec = plan_cell(cfg)
-            inputs_key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.data, resolve=True)], sort_keys=True)
-            if inputs_key not in checked_inputs:
-                check_inputs(cfg)
-                checked_inputs.add(inputs_key)
+            backend_key = json.dumps([inputs_key, OmegaConf.to_container(cfg.quant, resolve=True), str(cfg.device)], sort_keys=True, default=str)
+            if backend_key not in backends_checked:
+                check_quant_backend(cfg)
+                backends_checked.add(backend_key)
         except PruneEvalError as e:
             problems.append(f"{label}: {e}")
+            continue
+        except OmegaConfBaseException as e:  # an interpolation that does not resolve, met before plan_cell
+            problems.append(f"{label}: {config_error(cfg, e)}")
             continue
         if spec.name in cells:
             cells[spec.name].aliases.append(overrides)
         else:
             cells[spec.name] = PlannedCell(spec.name, overrides)
+    scattered = output_dir_problem([j for j, _ in dirs], [d for _, d in dirs], str(sweep_dir) if sweep_dir else None) if dirs else None
+    if scattered:
+        raise PruneEvalError(scattered)
+    lines = list(input_lines)
     if len(problems) == 1:
-        raise PruneEvalError(f"{problems[0]} (nothing was launched)")
-    if problems:
-        raise PruneEvalError(f"{len(problems)} of {len(jobs)} job(s) are invalid; nothing was launched:\n  " + "\n  ".join(problems))
+        lines.append(f"{problems[0]} (nothing was launched)")
+    elif problems:
+        lines.append(f"{len(problems)} of {len(jobs)} job(s) are invalid; nothing was launched:\n  " + "\n  ".join(problems))
+    if lines:
+        raise PruneEvalError("\n".join(lines))
     return list(cells.values())
 
 
@@ -84,6 +115,17 @@ def record_plan(sweep_dir: Path, planned: list[PlannedCell]) -> None:
         for cell in planned:
             plan["cells"][cell.name] = {"overrides": cell.overrides, "aliases": cell.aliases}
         atomic_write_json(path, plan)
+
+
+def check_launcher(launcher, config: DictConfig) -> None:
+    """The launcher's own checks (no sbatch, an unknown partition, no GPU, a sweep over a launcher
+    setting), before plan.json or multirun.yaml is written and whether or not any cell is left to run.
+    Raises PruneEvalError."""
+    from prune_eval.execution.launching import check_launch_overrides
+
+    check_launch_overrides(config.hydra.overrides.task)
+    if hasattr(launcher, "check_before_launch"):
+        launcher.check_before_launch()
 
 
 def launch(launcher, cells: list[PlannedCell], sweep_dir: Path) -> list:

@@ -21,6 +21,7 @@ SparseVLM v1/v1.5 give every layer group its own, compacted position count.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -134,6 +135,11 @@ class LanguageModel:
     norm: nn.Module
     rotary_emb: nn.Module
     lm_head: nn.Module
+    cache_kwarg: str = ""  # the decoder layers' name for the KV cache argument; "" = found from the first layer
+
+    def __post_init__(self) -> None:
+        if not self.cache_kwarg:
+            self.cache_kwarg = cache_argument(self.layers[0])
 
     @classmethod
     def from_llava(cls, model: nn.Module) -> "LanguageModel":
@@ -152,7 +158,25 @@ class LanguageModel:
         eager; the compiled code is shared by all layers, and a new batch shape does not recompile.
         """
         layers = nn.ModuleList([torch.compile(layer, dynamic=True) for layer in self.layers])
-        return LanguageModel(self.embed_tokens, layers, self.norm, self.rotary_emb, self.lm_head)
+        return LanguageModel(self.embed_tokens, layers, self.norm, self.rotary_emb, self.lm_head, self.cache_kwarg)
+
+
+def cache_argument(layer: nn.Module) -> str:
+    """The keyword under which this transformers version's decoder layer takes the KV cache.
+
+    transformers 5.17 (the GPU image's) knows only `past_key_values`; 5.24 renamed it `cache` and
+    warns on every layer call that `past_key_values` "will be removed in version 5.40.0"
+    (`@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")` on LlamaDecoderLayer.forward).
+    The signature (through the decorator's functools.wraps) says which one the installed version
+    has, so neither version warns and none silently drops the cache into **kwargs. Raises
+    PruneEvalError for a layer that takes neither.
+    """
+    parameters = inspect.signature(type(layer).forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise PruneEvalError(f"{type(layer).__name__}.forward takes neither `cache` nor `past_key_values`; "
+                         "this transformers version is not supported (see pyproject.toml)")
 
 
 def run_layers(
@@ -219,8 +243,8 @@ def forward_layers(
             attention_mask=masks[(id(keys_meta), id(meta))],
             position_embeddings=rotary[id(shift)],
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{lm.cache_kwarg: cache},
         )
         if hook is not None:
             changed = hook.after(layer_idx, hidden, positions, meta, cache)
