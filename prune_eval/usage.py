@@ -35,6 +35,7 @@ PLAIN_KEY_HELP = {
     "eval.max_new_tokens": "answer length limit (128: LLaVA's POPE setting)",
     "eval.stop_when_decided": "stop once '.' or EOS fixes the answer under both parsing rules",
     "eval.part_size": "questions per record part (the most a kill can lose)",
+    "eval.allow_mixed_numerics": "let a resumed cell mix record parts computed under different numerics (recorded)",
 }
 
 EXAMPLES = (

@@ -55,7 +55,7 @@ def test_reading_choices_does_not_import_torch() -> None:
     (["--model", "llava-7b", "--method", "visionzip", "--budget", "64"], "unknown model 'llava-7b'"),
     (["--method", "visionzip", "--budget", "64", "--quant", "fp8"], "unknown quant 'fp8'"),
     (["--method", "visionzip", "--budget", "64", "--preprocess", "resize"], "unknown preprocess 'resize'"),
-    (["--budget", "64"], "--budget describes a method; give --method too (choices: random, sparsevlm, vanilla, visionzip)"),
+    (["--budget", "64"], "--budget describes a method; give --method too (choices: downsample, fastv, random, sparsevlm, vanilla, visionzip)"),
     (["--version", "llava-1.5"], "--version llava-1.5 is a POPE question-file version; that is --pope-version now"),
 ])
 def test_bad_metadata_is_one_line_with_the_choices(tmp_path, extra, message) -> None:
