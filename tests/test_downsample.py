@@ -20,6 +20,8 @@ from prune_eval.execution.fast import evaluate_fast
 from prune_eval.methods import ModelGeometry, get_method
 from prune_eval.methods.downsample import pool_patch_grid, resolve
 
+pytestmark = pytest.mark.transformers  # also run against the lowest supported transformers (.ci/run)
+
 LLAVA_7B = ModelGeometry(n_patches=576, vision_layers=24, vision_heads=16, text_layers=32, text_heads=32, text_hidden=4096, text_intermediate=11008)
 
 

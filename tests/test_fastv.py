@@ -23,6 +23,8 @@ from prune_eval.methods.fastv import FastVHook, resolve, top_r_keep, visual_scor
 from prune_eval.models.llm import KVCache, TokenMeta, eager_probabilities, greedy_tokens, run_layers
 from prune_eval.models.prompt import tokenize_prompts
 
+pytestmark = pytest.mark.transformers  # also run against the lowest supported transformers (.ci/run)
+
 LLAVA_7B = ModelGeometry(n_patches=576, vision_layers=24, vision_heads=16, text_layers=32, text_heads=32, text_hidden=4096, text_intermediate=11008)
 SETTINGS = EvalSettings(batch_size=2, max_new_tokens=4, stop_when_decided=False, fast=False)
 
