@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from prune_eval.data.pope import SPLITS
 from prune_eval.errors import PruneEvalError, did_you_mean, unknown_choice
 from prune_eval.methods import Method, ModelGeometry, get_method
-from prune_eval.records import sha256_file
+from prune_eval.execution.records import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"

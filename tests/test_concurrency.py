@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import FAST_DEMO
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.analysis import cellfiles, report
 from prune_eval.errors import PruneEvalError
 

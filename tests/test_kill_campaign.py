@@ -2,7 +2,7 @@
 
 A two-cell sweep (tiny model, synthetic POPE, 36 questions per cell, batches of 6, parts of 12) is
 run through the real CLI in a subprocess and killed over and over:
-- at named points (prune_eval.faults, PRUNE_EVAL_KILL_AT): after the model loads, after a batch,
+- at named points (prune_eval.execution.faults, PRUNE_EVAL_KILL_AT): after the model loads, after a batch,
   half-way through a record part's temporary file, between its fsync and its rename, the same for
   summary.json, report files, plan.json / multirun.yaml / cell.json / model.json; the point and its
   n-th pass are chosen from the work the sweep still has, so every such kill lands;
@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prune_eval import faults, records
+from prune_eval.execution import faults, records
 from prune_eval.analysis import cellfiles
 pytestmark = pytest.mark.slow
 

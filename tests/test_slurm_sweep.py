@@ -23,7 +23,7 @@ from conftest import FAST_DEMO, run_cli
 # Plain module beside this file; the fixture is module-scoped (one cluster for this module).
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.execution import launching
 from prune_eval.analysis.cellfiles import cell_status
 

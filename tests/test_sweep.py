@@ -14,7 +14,7 @@ import pytest
 from conftest import FAST_DEMO, run_cli
 from PIL import Image
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.execution.cell import cell_status
 from prune_eval.methods import sparsevlm
 

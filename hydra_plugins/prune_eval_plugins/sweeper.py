@@ -48,7 +48,7 @@ class PruneEvalSweeper(Sweeper):
         from prune_eval.execution import sweep
         from prune_eval.execution.cell import cell_status
         from prune_eval.errors import PruneEvalError
-        from prune_eval.records import atomic_write_bytes
+        from prune_eval.execution.records import atomic_write_bytes
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.analysis import metrics
 from prune_eval.analysis.cellfiles import CELL_FILE, SUMMARY
 from prune_eval.data import pope

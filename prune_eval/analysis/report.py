@@ -34,7 +34,7 @@ import numpy as np
 
 from prune_eval.analysis import cellfiles, metrics, published, stats
 from prune_eval.errors import PruneEvalError
-from prune_eval.records import atomic_write_bytes
+from prune_eval.execution.records import atomic_write_bytes
 
 ALPHA = 0.05
 REPORT_DIR = "report"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prune_eval import faults, records
+from prune_eval.execution import faults, records
 from prune_eval.analysis import metrics
 from prune_eval.analysis.cellfiles import CELL_FILE, ERROR, LOCK, SUMMARY, STATUSES, cell_status, is_locked, read_summary  # noqa: F401
 from prune_eval.analysis.compute import summarize_compute

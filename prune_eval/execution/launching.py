@@ -327,7 +327,7 @@ def read_events(cell_dir: Path) -> list[dict]:
 
 def write_cell_error(cell_dir: Path, message: str, error_type: str, details: str = "") -> None:
     """An error.json in the format run_cell writes, for cells that could not write their own."""
-    from prune_eval.records import atomic_write_json
+    from prune_eval.execution.records import atomic_write_json
 
     atomic_write_json(Path(cell_dir) / ERROR_FILE, {"message": message, "type": error_type, "traceback": details,
                                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from prune_eval.analysis.cellfiles import cell_status, error_message, lock_holder, read_summary
 from prune_eval.config import check_inputs, explain_composition_error, plan_cell
 from prune_eval.errors import PruneEvalError
-from prune_eval.records import atomic_write_json
+from prune_eval.execution.records import atomic_write_json
 
 log = logging.getLogger("prune_eval")
 PLAN, PLAN_LOCK = "plan.json", ".plan.lock"

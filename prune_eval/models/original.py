@@ -46,7 +46,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from prune_eval.errors import PruneEvalError
 from prune_eval.models.sentencepiece_llama import SentencePieceLlamaTokenizer
-from prune_eval.records import sha256_file
+from prune_eval.execution.records import sha256_file
 
 # original key prefix -> LlavaForConditionalGeneration (transformers 5) key prefix
 LLAVA_RENAMES = (

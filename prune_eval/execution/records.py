@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_eval import faults
+from prune_eval.execution import faults
 from prune_eval.errors import PruneEvalError
 
 SCHEMA_VERSION = 1
@@ -65,7 +65,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     Whatever happens (a kill, a full disk), `path` holds its old content or the new one, never a
     part of it. A failed write (disk full, no permission) leaves no temporary file behind and is a
     PruneEvalError naming the file. The two halves of `data` are written separately only so that
-    prune_eval.faults can kill the process half-way through, as a test; it costs one write call.
+    prune_eval.execution.faults can kill the process half-way through, as a test; it costs one write call.
     """
     path = Path(path)
     try:
