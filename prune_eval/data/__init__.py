@@ -14,6 +14,7 @@ from prune_eval.data import pope, synthetic
 from prune_eval.data.pope import Question
 from prune_eval.errors import PruneEvalError
 from prune_eval.registry import Registry
+from prune_eval.specs import DataSpec
 
 
 @dataclass
@@ -27,8 +28,8 @@ class Dataset:
 DATASETS: Registry[Callable[..., Dataset]] = Registry("data")
 
 
-def _splits(data_cfg) -> tuple[str, ...]:
-    value = data_cfg.get("splits")
+def _splits(data) -> tuple[str, ...]:
+    value = data.splits if isinstance(data, DataSpec) else data.get("splits")
     if value is None:
         return pope.SPLITS
     if isinstance(value, str) or not hasattr(value, "__iter__"):
@@ -43,31 +44,32 @@ def _splits(data_cfg) -> tuple[str, ...]:
     return splits
 
 
-def _whole_number(data_cfg, key: str, minimum: int) -> int:
-    value = data_cfg.get(key)
+def _whole_number(data, key: str, minimum: int) -> int:
+    value = getattr(data, key) if isinstance(data, DataSpec) else data.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise PruneEvalError(f"data.{key}={value}; must be a whole number >= {minimum}")
     return value
 
 
-def check_data_options(data_cfg) -> None:
-    """The options every data set shares, and the synthetic one's numbers, before anything is read."""
-    _splits(data_cfg)
-    if str(data_cfg.get("name")) == "pope-synthetic":
-        _whole_number(data_cfg, "n_images", 1)
-        _whole_number(data_cfg, "seed", 0)
+def check_data_options(data) -> None:
+    """The options every data set shares, and the synthetic one's numbers, before anything is read.
+    `data`: a DataSpec or a `data` config node."""
+    _splits(data)
+    if str(data.name if isinstance(data, DataSpec) else data.get("name")) == "pope-synthetic":
+        _whole_number(data, "n_images", 1)
+        _whole_number(data, "seed", 0)
 
 
 @DATASETS.register("pope")
-def load_pope(data_cfg) -> Dataset:
-    image_dir = Path(data_cfg.image_dir).expanduser().resolve()
-    llava_file = data_cfg.get("llava_question_file")
+def load_pope(data: DataSpec) -> Dataset:
+    image_dir = Path(str(data.image_dir)).expanduser().resolve()
+    llava_file = data.llava_question_file
     questions, provenance = pope.load_pope(
-        Path(data_cfg.question_dir).expanduser().resolve(),
-        version=str(data_cfg.version),
-        splits=_splits(data_cfg),
+        Path(str(data.question_dir)).expanduser().resolve(),
+        version=data.version,
+        splits=_splits(data),
         llava_question_file=Path(llava_file).expanduser().resolve() if llava_file else None,
-        allow_unknown_version=bool(data_cfg.get("allow_unknown_version", False)),
+        allow_unknown_version=data.allow_unknown_version,
     )
     provenance["image_dir"] = str(image_dir)
     from prune_eval.data import images
@@ -76,18 +78,18 @@ def load_pope(data_cfg) -> Dataset:
 
 
 @DATASETS.register("pope-synthetic")
-def load_synthetic(data_cfg) -> Dataset:
-    check_data_options(data_cfg)
-    n_images = data_cfg.n_images
-    if str(data_cfg.version) != synthetic.GENERATOR_VERSION:
-        raise PruneEvalError(f"data.version={data_cfg.version} for pope-synthetic; this code generates version {synthetic.GENERATOR_VERSION}")
-    splits = _splits(data_cfg)
-    questions = synthetic.make_questions(n_images, seed=int(data_cfg.seed), splits=splits)
+def load_synthetic(data: DataSpec) -> Dataset:
+    check_data_options(data)
+    n_images = data.n_images
+    if data.version != synthetic.GENERATOR_VERSION:
+        raise PruneEvalError(f"data.version={data.version} for pope-synthetic; this code generates version {synthetic.GENERATOR_VERSION}")
+    splits = _splits(data)
+    questions = synthetic.make_questions(n_images, seed=int(data.seed), splits=splits)
     provenance = {
         "format": "synthetic",
         "version": synthetic.GENERATOR_VERSION,
         "n_images": n_images,
-        "seed": int(data_cfg.seed),
+        "seed": int(data.seed),
         "counts": {s: sum(q.split == s for q in questions) for s in splits},
     }
     from prune_eval.data import images
@@ -95,5 +97,7 @@ def load_synthetic(data_cfg) -> Dataset:
     return Dataset(questions, images.synthetic_loader(), provenance, lambda: None)
 
 
-def load_dataset(data_cfg) -> Dataset:
-    return DATASETS.get(str(data_cfg.name))(data_cfg)
+def load_dataset(data: DataSpec) -> Dataset:
+    """The questions and images a DataSpec (or a `data` config node, converted) describes."""
+    data = DataSpec.of(data)
+    return DATASETS.get(data.name)(data)

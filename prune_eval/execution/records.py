@@ -127,11 +127,13 @@ def part_paths(cell_dir: Path) -> list[Path]:
     return sorted(records_dir(cell_dir).glob(PART_GLOB))
 
 
-def write_part(cell_dir: Path, records: list[dict]) -> Path:
-    """Append one part after the existing ones; returns its path."""
+def write_part(cell_dir: Path, records: list[dict], *, shard: int | None = None) -> Path:
+    """Append one part after the existing ones; returns its path. Processes answering different
+    shards of one cell write at the same time; the shard in the name (`part-00007-s0002.jsonl`)
+    keeps two of them from picking the same file."""
     existing = part_paths(cell_dir)
     index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-    path = records_dir(cell_dir) / f"part-{index:05d}.jsonl"
+    path = records_dir(cell_dir) / (f"part-{index:05d}.jsonl" if shard is None else f"part-{index:05d}-s{shard:04d}.jsonl")
     atomic_write_bytes(path, encode_part(records))
     return path
 

@@ -140,14 +140,23 @@ class LanguageModel:
     def n_layers(self) -> int:
         return len(self.layers)
 
-    def compiled(self) -> "LanguageModel":
+    def compiled(self, backend: str | Callable = "inductor") -> "LanguageModel":
         """The same model with each decoder layer under torch.compile (dynamic shapes).
 
         Inductor fuses the element-wise work around the matrix products (RMSNorm, rotary, SiLU,
         residuals), a third of the prefill time on an H100 in eager mode. The KV cache update stays
-        eager; the compiled code is shared by all layers, and a new batch shape does not recompile.
+        eager (a graph break). Every layer runs the same code (LlamaDecoderLayer.forward), so its
+        compiled graphs are shared by all layers: compiled once, not once per layer. What would
+        otherwise tell the layers apart is `self_attn.layer_idx`, an int attribute that dynamo
+        treats as a constant and guards on (each layer a recompile, and past
+        `torch._dynamo.config.recompile_limit`, 8, the remaining layers ran uncompiled);
+        `allow_unspec_int_on_nn_module` makes such ints graph inputs instead (set process-wide: this
+        is the only compiled code prune_eval runs). Variants are per call kind (prefill with or
+        without a mask, decoding), not per layer or shape; tests/test_compile.py counts them.
+        `backend` is torch.compile's (tests use a counting one).
         """
-        layers = nn.ModuleList([torch.compile(layer, dynamic=True) for layer in self.layers])
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        layers = nn.ModuleList([torch.compile(layer, dynamic=True, backend=backend) for layer in self.layers])
         return LanguageModel(self.embed_tokens, layers, self.norm, self.rotary_emb, self.lm_head)
 
 
