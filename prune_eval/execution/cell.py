@@ -15,7 +15,8 @@ kernel drops when their holder dies, even by SIGKILL:
 - `<cell>/.lock`, exclusive while a process sets the cell up (cell.json, stale temporary files,
   parts that fail verification) and while it writes summary.json; shared while processes answer.
 - `<cell>/.shard-<k>.lock`, exclusive while a process answers shard k; its parts are named
-  `part-<n>-s<k>.jsonl`, so two processes never write the same file.
+  `part-<n>-s<k>.jsonl` (plain `part-<n>.jsonl` when the cell has one shard), so two processes never
+  write the same file.
 A process that can take neither the exclusive nor a shared cell lock within half a second leaves the
 cell alone ("busy"). One that finds every unanswered shard locked has nothing to do ("busy"). After
 its shards a process takes the exclusive lock: if it gets it, nobody else is answering, and it
@@ -34,6 +35,8 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -97,6 +100,16 @@ class CellLock:
 
     def close(self) -> None:
         self.handle.close()  # closing drops any lock still held
+
+
+@contextmanager
+def cell_lock(cell_dir: Path, mode: int = fcntl.LOCK_EX) -> Iterator[bool]:
+    """The cell's lock held for a block (exclusive by default); yields False if it cannot be taken."""
+    lock = CellLock(Path(cell_dir))
+    try:
+        yield lock.take(mode)
+    finally:
+        lock.close()
 
 
 def try_shard_lock(cell_dir: Path, shard: int):
@@ -270,7 +283,8 @@ def answer_shards(work: CellWork, shards: list[list[Question]]) -> int:
                 continue
             bundle = work.model()
             compile_before, started = dynamo_compile_seconds(), time.perf_counter()
-            writer = PartWriter(cell_dir, spec.eval.part_size, work.progress, shard=k, settings=work.settings)
+            # with several shards, several processes may write parts at once: the shard in the name keeps them apart
+            writer = PartWriter(cell_dir, spec.eval.part_size, work.progress, shard=k if len(shards) > 1 else None, settings=work.settings)
             evaluate = evaluate_fast if work.settings.fast else evaluate_reference
             with attention_kernels():
                 evaluate(bundle, spec.method.impl, dict(spec.params), shard, work.dataset.load_image, preprocess=spec.preprocess,
