@@ -201,7 +201,7 @@ def test_an_idle_worker_helps_the_running_cell_with_the_most_work_per_worker(tmp
     assert dispatcher.free_shards("big") == 1 and dispatcher.choose(slots[4]) == big  # 80 s / 4 workers still beats 10 s / 2
     dispatcher.send(slots[4], big)
     assert dispatcher.free_shards("big") == 0 and dispatcher.choose(slots[5]) == small  # no free shard left in big
-    dispatcher.finish(slots[0], "big", "shared", "unused")
+    dispatcher.finish(slots[0], "big", "unused")
     assert dispatcher.choose(slots[0]) == small  # never sent back to a cell it already worked on
     assert dispatcher.watched["big"].outcome is None  # others still answer it
 

@@ -168,7 +168,6 @@ class Dispatcher:
     pending: list[CellJob] = field(default_factory=list)
     active: dict[str, set[str]] = field(default_factory=dict)  # cell -> workers answering it
     tried: dict[str, set[str]] = field(default_factory=dict)  # cell -> workers sent to it
-    last_status: dict[str, str] = field(default_factory=dict)
     workers: dict[str, Slot] = field(default_factory=dict)  # gpu -> its worker
     failed_starts: dict[str, int] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
@@ -224,12 +223,11 @@ class Dispatcher:
         slot.cell, slot.model_key = job.name, job.model_key
         slot.handle.send(job)
 
-    def finish(self, slot: Slot, name: str, status: str | None, how: str) -> None:
-        """A worker is done with a cell (status from it, or None: it died)."""
+    def finish(self, slot: Slot, name: str, how: str) -> None:
+        """A worker is done with a cell (it said so, or it died: `how` says how the job ended). The
+        cell's outcome is read from its files once no worker is left on it."""
         self.active.get(name, set()).discard(slot.job_id)
         slot.cell = None
-        if status is not None:
-            self.last_status[name] = status
         if self.active.get(name):
             return  # others still answer it; the last one decides
         watched = self.watched[name]
@@ -242,15 +240,18 @@ class Dispatcher:
                 if message.get("ready"):
                     slot.ready = True
                 elif "done" in message:
-                    self.finish(slot, message["done"], str(message.get("status")), f"local worker {slot.job_id} (GPU {gpu}) left the cell unfinished")
+                    self.finish(slot, message["done"], f"local worker {slot.job_id} (GPU {gpu}) left the cell unfinished ({message.get('status')})")
             code = slot.handle.exit_code()
             if code is None:
                 continue
             if slot.cell is not None:
-                self.finish(slot, slot.cell, None, f"local worker {slot.job_id} (GPU {gpu}) exited with {exit_text(code)} before the cell finished")
+                self.finish(slot, slot.cell, f"local worker {slot.job_id} (GPU {gpu}) exited with {exit_text(code)} before the cell finished")
             if not slot.ready:
                 self.failed_starts[gpu] = self.failed_starts.get(gpu, 0) + 1
                 log.error("the worker for GPU %s exited with %s before it was ready; log: %s", gpu, exit_text(code), slot.log)
+            close = getattr(slot.handle, "wait", None)
+            if close is not None:
+                close(1)  # reaped; its pipe closed
             del self.workers[gpu]
 
     def start_workers(self) -> None:
