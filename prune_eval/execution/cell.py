@@ -291,6 +291,9 @@ def answer_shards(work: CellWork, shards: list[list[Question]]) -> int:
                          settings=work.settings, seed=spec.seed, on_answers=writer.add, answered=frozenset(answered))
             writer.flush()
             compile_s = dynamo_compile_seconds() - compile_before
+            if compile_s >= 1:
+                log.info("cell %s: torch.compile took %.1f s while answering shard %d (once per worker and kind of call; "
+                         "later cells of this worker reuse the compiled graphs)", spec.name, compile_s, k)
             n = len(shard) - len(answered)
             events.write_event(cell_dir, "computed", shard=k, questions=n, compute_s=round(time.perf_counter() - started - compile_s, 3),
                                compile_s=round(compile_s, 3), load_s=round(work.load_s, 3), fast=work.settings.fast,
