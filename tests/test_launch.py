@@ -16,7 +16,7 @@ import pytest
 from conftest import FAST_DEMO, run_cli
 
 from prune_eval.errors import PruneEvalError
-from prune_eval.execution import checks, events, local, slurm, sweep
+from prune_eval.execution import checks, events, local, records, slurm, sweep
 from prune_eval.execution.checks import GpuInfo
 from prune_eval.execution.schedule import CellJob
 from prune_eval.execution.slurm import TaskState
@@ -409,6 +409,25 @@ def test_local_gpus_sweep_runs_one_cell_per_gpu_and_skips_the_busy_one(tmp_path)
     assert len(workers) == 2 and "resident worker per GPU" in result.stdout
     rerun = run_cli(["-m", *FAST_DEMO, "launch=local-gpus", "method=random", "budget=64", "seed=0,1,2,3"], tmp_path, env=env, timeout=120)
     assert rerun.returncode == 0 and "4 were already complete" in rerun.stdout and "launching 4" not in rerun.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_local_gpus_workers_share_one_large_cell_by_shards(tmp_path) -> None:
+    """One cell of 8 shards on two GPUs: both workers start at once and answer different shards;
+    each question is answered once and the cell has one summary."""
+    env = fake_nvidia_smi(tmp_path)
+    env["CUDA_VISIBLE_DEVICES"] = "0,1"
+    result = run_cli(["-m", *FAST_DEMO, "data.n_images=8", "eval.shard_images=1", "launch=local-gpus", "method=random", "budget=64"],
+                     tmp_path, env=env, timeout=360)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (cell,) = [p for p in (tmp_path / "outputs" / "demo").iterdir() if (p / "cell.json").exists()]
+    timing = json.loads((cell / "summary.json").read_text())["timing"]
+    assert timing["workers"] == ["local-0", "local-1"] and timing["shards"] == 8 and timing["questions_computed"] == 8 * 18
+    read = records.read_records(cell)
+    assert not read.conflicts and sum(len(records.read_part(p)) for p in records.part_paths(cell)) == len(read.records) == 8 * 18
+    shards = sorted(e["shard"] for e in events.read_events(cell) if e["event"] == "computed")
+    assert shards == list(range(8)) and timing["loads"] == 2  # one load per worker
 
 
 BOOM_LAUNCHER = """

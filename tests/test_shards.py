@@ -45,10 +45,12 @@ def test_shards_are_image_blocks_in_order_of_first_appearance() -> None:
     assert [q.key for q in shards[0]] == [q.key for q in questions if q.image in images[0:2]]  # the data set's order
 
 
-def reference(tmp_path: Path) -> tuple[str, dict]:
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[str, dict]:
+    """The cell computed by one process alone: (its name, its records by key)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=CELL)
-    cell = tmp_path / "reference" / plan_cell(cfg).name
+    cell = tmp_path_factory.mktemp("reference") / plan_cell(cfg).name
     assert run_cell(cfg, cell) == "complete"
     return cell.name, {r["key"]: r for r in records.read_records(cell).records}
 
@@ -68,8 +70,8 @@ def check_records(cell: Path, expected: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_processes_share_a_cell_and_answer_each_question_once(tmp_path) -> None:
-    name, expected = reference(tmp_path)
+def test_two_processes_share_a_cell_and_answer_each_question_once(tmp_path, reference) -> None:
+    name, expected = reference
     cell = tmp_path / "shared" / name
     a, b = start(cell), start(cell)
     outputs = [p.communicate(timeout=500)[0] for p in (a, b)]
@@ -86,8 +88,8 @@ def test_two_processes_share_a_cell_and_answer_each_question_once(tmp_path) -> N
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_helper_killed_mid_shard_leaves_its_shard_to_the_other(tmp_path) -> None:
-    name, expected = reference(tmp_path)
+def test_a_helper_killed_mid_shard_leaves_its_shard_to_the_other(tmp_path, reference) -> None:
+    name, expected = reference
     cell = tmp_path / "killed" / name
     a, b = start(cell), start(cell, {faults.KILL_AT: "batch:4"})  # b dies in its second shard (3 batches of 6 per shard)
     out_a, _ = a.communicate(timeout=500)

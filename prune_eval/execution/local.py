@@ -205,10 +205,12 @@ class Dispatcher:
         return math.ceil(job.shards * left - 1e-9) - len(self.active.get(name, ())) if left else 0
 
     def workers_wanted(self) -> int:
-        """As many workers as there are cells to start or shards to share, at most one per GPU."""
+        """As many workers as there are shards to answer (of pending cells, or free in running
+        ones) next to the busy workers, at most one per GPU: a single large cell starts a worker
+        per GPU at once instead of helpers that start late."""
         shares = sum(max(0, self.free_shards(n)) for n, ws in self.active.items() if ws)
         busy = sum(1 for s in self.workers.values() if s.cell is not None)
-        return min(len(self.pool), busy + len(self.pending) + shares)
+        return min(len(self.pool), busy + sum(j.shards for j in self.pending) + shares)
 
     # -- the loop ----------------------------------------------------------------------------
     def send(self, slot: Slot, job: CellJob) -> None:
