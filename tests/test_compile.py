@@ -4,8 +4,8 @@ Before LanguageModel.compiled() made `layer_idx` a graph input, dynamo compiled 
 (it guarded on the int attribute) and past torch._dynamo.config.recompile_limit (8) ran the
 remaining layers eagerly: "hit config.recompile_limit (8)". Here a counting backend records every
 graph dynamo hands over and every time one runs; the tiny model's 8 layers must all run through
-compiled graphs, whose number must not grow with the number of layers. The answers must equal the
-uncompiled model's.
+compiled graphs that are shared by the layers (fewer graphs than layers, each run by all of them;
+layer 0 may have its own for the first kinds of call). The answers must equal the uncompiled model's.
 """
 
 from __future__ import annotations
@@ -50,6 +50,21 @@ class CountingBackend:
         return sum(module_name in g.code for g in self.graphs)
 
 
+def shared_by_the_layers(runs: list[int], n_layers: int) -> bool:
+    """Whether graph run counts are those of graphs shared by the layers: each graph runs for every
+    layer of its calls (a multiple of n_layers), or, for the first kinds of call dynamo meets, one
+    graph runs for layer 0 (c runs: dynamo compiles the first value it sees as a constant) and one
+    for the other layers ((n_layers - 1) c runs). Per-layer graphs would run c times each."""
+    rest = sorted(runs)
+    while rest:
+        c = rest.pop(0)
+        if (n_layers - 1) * c in rest:
+            rest.remove((n_layers - 1) * c)
+        elif c % n_layers:
+            return False
+    return True
+
+
 def answer(bundle, questions, *, fast_path: bool) -> list:
     settings = EvalSettings(batch_size=4, max_new_tokens=2, stop_when_decided=False, fast=fast_path)
     out: list = []
@@ -87,9 +102,9 @@ def test_every_layer_runs_compiled_from_graphs_shared_by_all_layers(tiny_bundle,
         # each layer call runs one graph before the KV-cache update and one after it: all compiled
         assert backend.runs_of("input_layernorm") == layer_calls["layers"], (backend.runs_of("input_layernorm"), layer_calls)
         assert backend.runs_of("post_attention_layernorm") == layer_calls["layers"]
-        # graphs per kind of call (prefill with or without a mask, decoding, ...), each run by all layers in turn
+        # graphs per kind of call (prefill with or without a mask, decoding, ...), run by all layers in turn
         first_halves = {i: n for i, n in backend.runs.items() if "input_layernorm" in backend.graphs[i].code}
-        assert len(first_halves) < n_layers and all(n % n_layers == 0 for n in first_halves.values()), first_halves
+        assert len(first_halves) < n_layers and shared_by_the_layers(list(first_halves.values()), n_layers), first_halves
         assert "recompile_limit" not in caplog.text and "cache_size_limit" not in caplog.text
         unimplemented = torch._dynamo.utils.counters["unimplemented"]
         assert not [k for k in unimplemented if "recompile" in k.lower()], list(unimplemented)

@@ -155,8 +155,10 @@ class LanguageModel:
         `torch._dynamo.config.recompile_limit`, 8, the remaining layers ran uncompiled);
         `allow_unspec_int_on_nn_module` makes such ints graph inputs instead (set process-wide: this
         is the only compiled code prune_eval runs). What remains are variants per kind of call,
-        never per layer: a mask or none, one query or many, one row or many (dynamo specializes
-        sizes 0 and 1), and equal sizes it guards on ("duck sizing"); with the nested frames
+        not per layer: a mask or none, one query or many, one row or many (dynamo specializes
+        sizes 0 and 1), and equal sizes it guards on ("duck sizing"); for the first kinds of call
+        it meets, dynamo also compiles layer 0 on its own (a first value is a constant until it
+        changes, then the index is a graph input for every layer after); with the nested frames
         transformers adds (GradientCheckpointingLayer.__call__, a deprecation wrapper), they can
         exceed 8 per frame, so the limit is raised to RECOMPILE_LIMIT, deliberately.
         tests/test_compile.py checks that every layer call runs through compiled graphs.
