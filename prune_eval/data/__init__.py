@@ -28,8 +28,8 @@ class Dataset:
 DATASETS: Registry[Callable[..., Dataset]] = Registry("data")
 
 
-def _splits(data) -> tuple[str, ...]:
-    value = data.splits if isinstance(data, DataSpec) else data.get("splits")
+def _splits(data: DataSpec) -> tuple[str, ...]:
+    value = data.splits
     if value is None:
         return pope.SPLITS
     if isinstance(value, str) or not hasattr(value, "__iter__"):
@@ -44,18 +44,19 @@ def _splits(data) -> tuple[str, ...]:
     return splits
 
 
-def _whole_number(data, key: str, minimum: int) -> int:
-    value = getattr(data, key) if isinstance(data, DataSpec) else data.get(key)
+def _whole_number(data: DataSpec, key: str, minimum: int) -> int:
+    value = getattr(data, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise PruneEvalError(f"data.{key}={value}; must be a whole number >= {minimum}")
     return value
 
 
-def check_data_options(data) -> None:
+def check_data_options(data: DataSpec) -> None:
     """The options every data set shares, and the synthetic one's numbers, before anything is read.
-    `data`: a DataSpec or a `data` config node."""
+    `data`: a DataSpec (or a `data` config node, converted)."""
+    data = DataSpec.of(data)
     _splits(data)
-    if str(data.name if isinstance(data, DataSpec) else data.get("name")) == "pope-synthetic":
+    if data.name == "pope-synthetic":
         _whole_number(data, "n_images", 1)
         _whole_number(data, "seed", 0)
 
