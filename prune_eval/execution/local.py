@@ -146,7 +146,7 @@ class Slot:
     gpu: str
     job_id: str
     log: Path
-    handle: Any
+    handle: WorkerHandle
     ready: bool = False
     cell: str | None = None  # the cell it was sent
     model_key: str | None = None  # the model it holds (or is loading)
@@ -158,7 +158,7 @@ class Dispatcher:
 
     jobs: list[CellJob]
     pool: list[str]
-    start: Callable[[str, str, Path], Any]
+    start: Callable[[str, str, Path], WorkerHandle]
     log_dir: Path
     skip_busy: bool = True
     busy_memory_mib: float = 1024

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +40,6 @@ _current: dict[str, CellJob | None] = {"job": None}  # the cell being run, for t
 
 def write_cell_error(cell_dir: Path, message: str, error_type: str, details: str = "") -> None:
     """An error.json in the format run_cell writes, for cells that could not write their own."""
-    import time
-
     from prune_eval.execution.records import atomic_write_json
 
     atomic_write_json(Path(cell_dir) / ERROR_FILE, {"message": message, "type": error_type, "traceback": details,
