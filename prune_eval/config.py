@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune_eval.data.pope import SPLITS
 from prune_eval.errors import PruneEvalError, did_you_mean, unknown_choice
-from prune_eval.records import sha256_file
+from prune_eval.execution.records import sha256_file
+from prune_eval.specs import CellSpec, DataSpec, EvalSpec, MethodSpec, ModelSpec, QuantSpec
 
 if TYPE_CHECKING:  # prune_eval.methods imports torch
     from prune_eval.methods import Method, ModelGeometry
@@ -111,51 +111,40 @@ def explain_composition_error(error: Exception, overrides: list[str], compose) -
     return PruneEvalError(f"unknown key '{key}'{where}{did_you_mean(key, keys)} keys: {', '.join(keys)}")
 
 
-@dataclass(frozen=True)
-class CellSpec:
-    name: str  # directory name of the cell inside the sweep directory
-    experiment: dict[str, Any]  # everything that defines the result
-    method: Method
-    params: dict[str, Any]  # the method's effective parameters
-    geometry: ModelGeometry
-
-
 def model_geometry(model_cfg) -> ModelGeometry:
-    """The model's shapes from its config alone (no weights loaded)."""
+    """The model's shapes from its config alone (no weights loaded). `model_cfg`: a ModelSpec or a `model` node."""
     from prune_eval.methods import ModelGeometry
     from prune_eval.models import loading, tiny
 
-    if loading.source_of(model_cfg) == "tiny":
-        return ModelGeometry.from_config(tiny.build_config(**dict(model_cfg.get("dims") or {})))
-    if loading.source_of(model_cfg) == "original":  # two config files, LLaVA's flat one and CLIP's
+    model = ModelSpec.of(model_cfg)
+    if model.source == "tiny":
+        return ModelGeometry.from_config(tiny.build_config(**dict(model.dims)))
+    if model.source == "original":  # two config files, LLaVA's flat one and CLIP's
         from prune_eval.models import original
 
-        return ModelGeometry.from_config(original.config_of(model_cfg))
-    loading.check_available(model_cfg)
+        return ModelGeometry.from_config(original.config_of(model))
+    loading.check_available(model)
     from transformers import LlavaConfig
 
-    config = LlavaConfig.from_pretrained(
-        loading.checkpoint_location(model_cfg), revision=model_cfg.get("revision"), local_files_only=True
-    )
+    config = LlavaConfig.from_pretrained(loading.checkpoint_location(model), revision=model.revision, local_files_only=True)
     return ModelGeometry.from_config(config)
 
 
-def _model_identity(model_cfg) -> dict[str, Any]:
+def _model_identity(model: ModelSpec) -> dict[str, Any]:
     from prune_eval.models import loading
 
-    source = loading.source_of(model_cfg)
-    identity = {"name": model_cfg.name, "source": source, "tokenization": model_cfg.get("tokenization", "hf")}
-    if source == "tiny":
-        identity.update(init_seed=int(model_cfg.get("init_seed", 0)), dims=OmegaConf.to_container(model_cfg.get("dims") or {}))
+    identity = {"name": model.name, "source": model.source, "tokenization": model.tokenization}
+    if model.source == "tiny":
+        identity.update(init_seed=int(model.init_seed), dims=dict(model.dims))
     else:
-        identity.update(checkpoint=loading.checkpoint_location(model_cfg), revision=model_cfg.get("revision"))
-    if source == "original":  # the CLIP tower is a second checkpoint; the tokenizer is the slow sentencepiece one
-        identity.update(vision_tower=str(model_cfg.get("vision_tower_path") or model_cfg.get("vision_tower")),
-                        vision_tower_revision=model_cfg.get("vision_tower_revision"), tokenizer="sentencepiece-slow")
-    if source == "toy":  # shipped with the code: the weights' checksum, not where the package is installed, names them
-        weights = Path(loading.checkpoint_location(model_cfg)) / "model.safetensors"
+        identity.update(checkpoint=loading.checkpoint_location(model), revision=model.revision)
+    if model.source == "original":  # the CLIP tower is a second checkpoint; the tokenizer is the slow sentencepiece one
+        identity.update(vision_tower=str(model.vision_tower_path or model.vision_tower),
+                        vision_tower_revision=model.vision_tower_revision, tokenizer="sentencepiece-slow")
+    if model.source == "toy":  # shipped with the code: the weights' checksum, not where the package is installed, names them
+        weights = Path(loading.checkpoint_location(model)) / "model.safetensors"
         identity["weights_sha256"] = sha256_file(weights) if weights.is_file() else None
-        if not model_cfg.get("path"):
+        if not model.path:
             identity["checkpoint"] = "prune_eval/assets/toy (shipped)"
     return identity
 
@@ -193,8 +182,9 @@ def config_error(cfg: DictConfig, error: Exception) -> PruneEvalError:
     return PruneEvalError(f"config key {key}{raw} cannot be used: {first}")
 
 
-EVAL_NUMBERS = {"batch_size": 1, "max_new_tokens": 1, "part_size": 1, "batch_images": 1, "batch_tokens": 1}  # key: minimum
+EVAL_NUMBERS = {"batch_size": 1, "max_new_tokens": 1, "part_size": 1, "batch_images": 1, "batch_tokens": 1, "shard_images": 1}  # key: minimum
 EVAL_FLAGS = ("fast", "stop_when_decided", "compile", "allow_mixed_numerics")
+EVAL_AUTO_FLAGS = ("fast",)  # auto: decided by the device the cell runs on (eval.fast: the fast path on CUDA)
 MAX_NEW_TOKENS = 4096  # LLaVA-1.5's context length: no answer can be longer
 GROUP_NODES = ("model", "method", "quant", "data", "preprocess", "eval")
 
@@ -227,8 +217,9 @@ def check_run_options(cfg: DictConfig) -> None:
             allowed = f"{minimum}..{limit}" if limit else f"a whole number >= {minimum}"
             raise PruneEvalError(f"eval.{key}={value}; allowed: {allowed}")
     for key in EVAL_FLAGS:
-        if not isinstance(cfg.eval.get(key, False), bool):
-            raise PruneEvalError(f"eval.{key}={cfg.eval.get(key)}; allowed: true, false")
+        value = cfg.eval.get(key, False)
+        if not isinstance(value, bool) and not (key in EVAL_AUTO_FLAGS and value == "auto"):
+            raise PruneEvalError(f"eval.{key}={value}; allowed: true, false" + (", auto" if key in EVAL_AUTO_FLAGS else ""))
 
 
 def _plan_cell(cfg: DictConfig) -> CellSpec:
@@ -245,7 +236,7 @@ def _plan_cell(cfg: DictConfig) -> CellSpec:
     check_data_options(cfg.data)
     if source_of(cfg.model) not in SOURCES:
         raise unknown_choice("model source", cfg.model.get("source"), SOURCES)
-    precision_of(cfg.quant)  # validates quant options
+    precision = precision_of(cfg.quant)  # validates quant options
     method = get_method(str(cfg.method.name))
     budget = cfg.budget
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
@@ -253,32 +244,43 @@ def _plan_cell(cfg: DictConfig) -> CellSpec:
     seed = cfg.seed
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0 or seed >= 2**63:
         raise PruneEvalError(f"seed={seed}; must be a non-negative whole number below 2**63")
-    geometry = model_geometry(cfg.model)
+    model = ModelSpec.from_config(cfg.model)
+    geometry = model_geometry(model)
     if budget > geometry.n_patches:
         raise PruneEvalError(f"budget={budget} is larger than the {geometry.n_patches} visual tokens of model '{cfg.model.name}'; allowed: 1..{geometry.n_patches}")
     user_params = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
     params = method.resolve(user_params, budget, geometry)
+    uses_seed = method.seed_matters(params)
     experiment = {
-        "model": _model_identity(cfg.model),
+        "model": _model_identity(model),
         "quant": OmegaConf.to_container(cfg.quant, resolve=True),
         "preprocess": str(cfg.preprocess.name),
         "data": _data_identity(cfg.data),
         "method": {"name": method.name, "version": method.version, "params": params},
-        "seed": seed,
+        "seed": seed if uses_seed else None,  # None: every seed resolves to this one cell
         "max_new_tokens": int(cfg.eval.max_new_tokens),
         "numerics": numerics_identity(cfg.eval),
     }
-    return CellSpec(cell_name(experiment, budget), experiment, method, params, geometry)
+    return CellSpec(
+        name=cell_name(experiment, budget), experiment=experiment, method=MethodSpec(method, params, budget, uses_seed),
+        geometry=geometry, model=model, data=DataSpec.from_config(cfg.data), preprocess=str(cfg.preprocess.name),
+        quant=QuantSpec(str(cfg.quant.name), precision, cfg.quant.get("scope"), experiment["quant"]),
+        eval=EvalSpec.from_config(cfg.eval), seed=seed, device=str(cfg.get("device", "auto")),
+        config={k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"},
+    )
 
 
 def numerics_identity(eval_cfg) -> dict[str, Any]:
     """The configured settings that can change fp16 predictions without changing the method: the
-    evaluation path as configured (`eval.fast`), that path's batch composition (reference:
-    batch_size; fast: batch_images, batch_tokens; both when the path is not fixed) and compile.
+    evaluation path as configured (`eval.fast`: true, false or auto), that path's batch composition
+    (reference: batch_size; fast: batch_images, batch_tokens; both when the path is not fixed, as with
+    auto; the shard size, which batches never cross) and compile.
     Part of the cell's identity, so a sweep over them gives cells the report pairs as numerics-only
     comparisons (its numerical floor). What actually ran is in each record part's footer."""
-    fast = eval_cfg.get("fast", False)
-    identity: dict[str, Any] = {"fast": fast, "compile": bool(eval_cfg.get("compile", False))}
+    fast = eval_cfg.get("fast", "auto")
+    # batches never cross a shard (execution.cell), so the shard size is part of the batch composition
+    identity: dict[str, Any] = {"fast": fast, "compile": bool(eval_cfg.get("compile", False)),
+                                "shard_images": int(eval_cfg.get("shard_images", 64))}
     if fast is not True:
         identity["batch_size"] = int(eval_cfg.get("batch_size", 8))
     if fast is not False:
@@ -287,7 +289,8 @@ def numerics_identity(eval_cfg) -> dict[str, Any]:
 
 
 def cell_name(experiment: dict[str, Any], budget: int) -> str:
-    """Readable and stable: '<method>-<tokens>_seed<s>_<model>-<quant>-<preprocess>_<data>_<hash>'.
+    """Readable and stable: '<method>-<tokens>_seed<s>_<model>-<quant>-<preprocess>_<data>_<hash>'
+    ('anyseed' instead of 'seed<s>' for a method that draws no random numbers: one cell for all seeds).
 
     The hash covers the whole experiment dict, so any defining difference (a method option, a
     checkpoint path, the splits) gives another directory while the name stays readable.
@@ -300,8 +303,9 @@ def cell_name(experiment: dict[str, Any], budget: int) -> str:
     data = experiment["data"]
     splits = "" if sorted(data["splits"]) == sorted(SPLITS) else "-" + "+".join(data["splits"])
     digest = hashlib.sha256(json.dumps(experiment, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    seed = "anyseed" if experiment["seed"] is None else f"seed{experiment['seed']}"  # anyseed: the method draws no random numbers
     return (
-        f"{label}-{tokens}_seed{experiment['seed']}_{experiment['model']['name']}-{experiment['quant']['name']}-"
+        f"{label}-{tokens}_{seed}_{experiment['model']['name']}-{experiment['quant']['name']}-"
         f"{experiment['preprocess']}_{data['name']}-{data['version']}{splits}_{digest}"
     )
 

@@ -39,6 +39,16 @@ def tiny_bundle():
     return loading.load(tiny_model_cfg(), dtype=torch.float32, device=torch.device("cpu"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_resident_model():
+    """Each test loads its own model: run_cell keeps the last model it loaded in this process
+    (prune_eval.execution.resident), which would carry one test's (patched) model into the next."""
+    yield
+    resident = sys.modules.get("prune_eval.execution.resident")
+    if resident is not None:
+        resident.PROCESS_MODELS.release()
+
+
 def run_cli(args: list[str], cwd: Path, *, module: str = "prune_eval", timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m <module> args` in `cwd`; returns the completed process (text output)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}

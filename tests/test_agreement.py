@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_report import experiment_of, pope_questions, read_csv, simulate, write_cell
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.analysis import analyse, metrics, published, report, stats
 
 QUESTIONS = pope_questions("llava-1.5")

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from conftest import POPE
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.analysis import cellfiles, metrics, report
 from prune_eval.config import GROUPS, MAX_NEW_TOKENS, group_choices
 from prune_eval.data import pope

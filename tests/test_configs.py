@@ -67,11 +67,12 @@ def test_demo_experiment_selects_toy_synthetic_cpu() -> None:
 def test_launch_profiles_are_a_group_on_the_search_path() -> None:
     assert "local" in group_choices("launch")
     cfg = compose_with(["launch=local"])
-    assert cfg.hydra.launcher._target_.endswith("BasicLauncher")
+    assert cfg.hydra.launcher._target_.endswith("launchers.LocalLauncher")
 
 
 def test_equivalent_configs_share_a_cell() -> None:
     a = plan_cell(compose_with(["experiment=demo", "method=vanilla", "budget=64"]))
     b = plan_cell(compose_with(["experiment=demo", "method=vanilla", "budget=128"]))
-    c = plan_cell(compose_with(["experiment=demo", "method=vanilla", "seed=1"]))
-    assert a.name == b.name and a.name != c.name
+    c = plan_cell(compose_with(["experiment=demo", "method=vanilla", "seed=1"]))  # vanilla draws no random numbers
+    d, e = (plan_cell(compose_with(["experiment=demo", "method=random", "budget=64", f"seed={s}"])) for s in (0, 1))
+    assert a.name == b.name == c.name and "_anyseed_" in a.name and d.name != e.name

@@ -25,7 +25,7 @@ import torch
 from conftest import FAST_DEMO
 from hydra import compose, initialize_config_dir
 
-from prune_eval import faults, records
+from prune_eval.execution import faults, records
 from prune_eval.analysis import cellfiles, report
 from prune_eval.execution import sweep
 from prune_eval.execution.cell import cell_lock, run_cell
@@ -264,7 +264,7 @@ def test_disk_full_mid_cell_fails_it_cleanly_and_the_rerun_completes(full_disk, 
 # ------------------------------------------------------------------------------------------------
 # The fault hook itself, the lock and plan.json under concurrency
 def test_kill_hook_fires_at_the_nth_pass_only() -> None:
-    code = "from prune_eval import faults\nfor i in range(5):\n    print(i, flush=True)\n    faults.checkpoint('batch')\n"
+    code = "from prune_eval.execution import faults\nfor i in range(5):\n    print(i, flush=True)\n    faults.checkpoint('batch')\n"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, faults.KILL_AT: "batch:3"})
     assert run.returncode == -9 and run.stdout.split() == ["0", "1", "2"]
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, faults.KILL_AT: "load:1"})

@@ -1,8 +1,8 @@
 """Kill campaign: SIGKILL a demo sweep at 50+ moments, resume it, and nothing is lost or wrong.
 
-A two-cell sweep (tiny model, synthetic POPE, 36 questions per cell, batches of 6, parts of 12) is
-run through the real CLI in a subprocess and killed over and over:
-- at named points (prune_eval.faults, PRUNE_EVAL_KILL_AT): after the model loads, after a batch,
+A two-cell sweep (tiny model, synthetic POPE, 36 questions per cell in two shards of one image, batches
+of 6, parts of 12) is run through the real CLI in a subprocess and killed over and over:
+- at named points (prune_eval.execution.faults, PRUNE_EVAL_KILL_AT): after the model loads, after a batch,
   half-way through a record part's temporary file, between its fsync and its rename, the same for
   summary.json, report files, plan.json / multirun.yaml / cell.json / model.json; the point and its
   n-th pass are chosen from the work the sweep still has, so every such kill lands;
@@ -34,13 +34,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prune_eval import faults, records
+from prune_eval.execution import faults, records
 from prune_eval.analysis import cellfiles
 pytestmark = pytest.mark.slow
 
 SWEEP = ["-m", "experiment=demo", "data.n_images=2", "eval.max_new_tokens=3", "eval.batch_size=6", "eval.part_size=12",
-         "method=random", "budget=64", "seed=0,1"]
-QUESTIONS, BATCH, PART = 36, 6, 12  # per cell
+         "eval.shard_images=1", "method=random", "budget=64", "seed=0,1"]
+QUESTIONS, BATCH, PART, SHARD = 36, 6, 12, 18  # per cell; a shard is one image's 18 questions
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
        "HYDRA_FULL_ERROR": "0"}
 KILLS = int(os.environ.get("PRUNE_EVAL_CAMPAIGN_KILLS", 60))
@@ -48,7 +48,7 @@ SEED = int(os.environ.get("PRUNE_EVAL_CAMPAIGN_SEED", 20261124))
 LANES = 2  # sweeps killed side by side (CI has 2 cores; each sweep uses one)
 RANDOM_SHARE = 0.3
 PHASES = ("load", "batch", "part-write", "summary", "report", "other writes", "random")
-VOLATILE = {"finished", "seconds", "environment", "config", "records"}  # differ between any two runs
+VOLATILE = {"finished", "seconds", "environment", "config", "records", "timing"}  # differ between any two runs
 
 
 @dataclass
@@ -198,23 +198,26 @@ def comparable(summary: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # Choosing where to kill next: a named point the remaining work is sure to pass
-def remaining_work(sweep_dir: Path, cell_names: list[str], report_files: int) -> dict[str, int]:
-    """How many passes each kill point will see in the next (uninterrupted) run."""
-    loads = batches = parts = summaries = new_cells = 0
-    for name in cell_names:
+def remaining_work(sweep_dir: Path, reference: dict[str, dict[str, dict]], report_files: int) -> dict[str, int]:
+    """How many passes each kill point will see in the next (uninterrupted) run. Answers are written
+    shard by shard (one image each), a shard's parts of 12 then its rest; the sweep's one process
+    loads the model once, for the first cell with questions left (a resident model)."""
+    computing = batches = parts = summaries = new_cells = 0
+    for name in sorted(reference):
         cell = sweep_dir / name
         if cellfiles.read_summary(cell) is not None:
             continue
-        done = len(records.read_records(cell).records) if cell.is_dir() else 0
-        left = QUESTIONS - done
+        answered = Counter(r["image"] for r in records.read_records(cell).records) if cell.is_dir() else Counter()
+        images = {r["image"] for r in reference[name].values()}
         summaries += 1
         new_cells += not (cell / "cell.json").exists()
-        if left:
-            loads += 1
-            batches += -(-left // BATCH)
-            parts += -(-left // PART)
-    work = {"load": loads, "batch": batches, "part-mid-write": parts, "part-before-rename": parts,
-            "model-before-rename": loads, "summary-mid-write": summaries, "summary-before-rename": summaries,
+        lefts = [SHARD - answered[image] for image in images]
+        if any(lefts):
+            computing += 1
+            batches += sum(-(-left // BATCH) for left in lefts)
+            parts += sum(-(-left // PART) for left in lefts)
+    work = {"load": min(computing, 1), "batch": batches, "part-mid-write": parts, "part-before-rename": parts,
+            "model-before-rename": computing, "summary-mid-write": summaries, "summary-before-rename": summaries,
             "cell-mid-write": new_cells, "plan-before-rename": 1, "multirun-mid-write": 1,
             "report-mid-write": report_files, "report-before-rename": report_files}
     return {point: n for point, n in work.items() if n}
@@ -265,7 +268,7 @@ def lane(campaign: Campaign, root: Path, index: int, quota: int, errors: list) -
             for k in range(chain_kills):
                 if landed >= quota:
                     break
-                work = remaining_work(sweep_dir, cell_names, campaign.report_files)
+                work = remaining_work(sweep_dir, campaign.reference, campaign.report_files)
                 spec, phase = choose_kill(campaign, work, rng)
                 log = root / f"{name}-{k}.log"
                 pid = sweeps.start(root, name, log, spec)

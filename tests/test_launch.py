@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import FAST_DEMO, run_cli
 
-from prune_eval.execution import launching
 from prune_eval.errors import PruneEvalError
-from prune_eval.execution.launching import GpuInfo, Launched, Progress, TaskState
+from prune_eval.execution import checks, events, local, records, slurm, sweep
+from prune_eval.execution.checks import GpuInfo
+from prune_eval.execution.schedule import CellJob
+from prune_eval.execution.slurm import TaskState
+from prune_eval.execution.watching import Launched, Progress
 
 NVIDIA_SMI_OUTPUT = "0, GPU-aaaa, 3\n1, GPU-bbbb, 5\n2, GPU-cccc, 30000\n"
 
@@ -34,33 +37,33 @@ def no_torch() -> int:
 
 def test_each_local_gpus_cell_sees_its_gpu_as_cuda_0() -> None:
     for device in ("auto", "cpu", "cuda", "cuda:0"):
-        launching.check_device_for_one_gpu(device)
+        checks.check_device_for_one_gpu(device)
     with pytest.raises(PruneEvalError, match="device=cuda:1 with launch=local-gpus: each cell sees only its own GPU"):
-        launching.check_device_for_one_gpu("cuda:1")
+        checks.check_device_for_one_gpu("cuda:1")
 
 
 def test_parse_gpu_query_reads_nvidia_smi_csv() -> None:
-    parsed = launching.parse_gpu_query(NVIDIA_SMI_OUTPUT + "3, GPU-dddd, [N/A]\nnot a row\n")
+    parsed = checks.parse_gpu_query(NVIDIA_SMI_OUTPUT + "3, GPU-dddd, [N/A]\nnot a row\n")
     assert [g.index for g in parsed] == ["0", "1", "2", "3"]
     assert parsed[2] == GpuInfo("2", "GPU-cccc", 30000.0) and parsed[3].memory_used_mib is None
 
 
 def test_visible_gpus_prefers_cuda_visible_devices_then_nvidia_smi_then_torch() -> None:
-    assert launching.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, lambda: gpus(0, 0, 0, 0), no_torch)[0] == ["2", "3"]
-    assert launching.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, lambda: gpus(0), no_torch)[0] == []
-    assert launching.visible_gpus({}, lambda: gpus(0, 0), no_torch)[0] == ["0", "1"]
-    assert launching.visible_gpus({}, lambda: None, lambda: 3)[0] == ["0", "1", "2"]
-    ids, source = launching.visible_gpus({}, lambda: None, no_torch)
+    assert checks.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, lambda: gpus(0, 0, 0, 0), no_torch)[0] == ["2", "3"]
+    assert checks.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, lambda: gpus(0), no_torch)[0] == []
+    assert checks.visible_gpus({}, lambda: gpus(0, 0), no_torch)[0] == ["0", "1"]
+    assert checks.visible_gpus({}, lambda: None, lambda: 3)[0] == ["0", "1", "2"]
+    ids, source = checks.visible_gpus({}, lambda: None, no_torch)
     assert ids == [] and "nvidia-smi is not available" in source
 
 
 def test_gpu_pool_takes_all_or_a_list_and_skips_busy_gpus() -> None:
     query = lambda: gpus(3, 5, 30000)  # noqa: E731
-    assert launching.gpu_pool("all", env={}, query=query, torch_count=no_torch) == ["0", "1", "2"]
-    assert launching.gpu_pool([1, 0], env={}, query=query, torch_count=no_torch) == ["1", "0"]
-    assert launching.gpu_pool("0,2", env={}, query=query, torch_count=no_torch) == ["0", "2"]
-    assert launching.gpu_pool(["GPU-1"], env={}, query=query, torch_count=no_torch) == ["GPU-1"]
-    assert launching.busy_gpus(["0", "1", "2"], query(), 1024) == {"2": 30000.0}
+    assert checks.gpu_pool("all", env={}, query=query, torch_count=no_torch) == ["0", "1", "2"]
+    assert checks.gpu_pool([1, 0], env={}, query=query, torch_count=no_torch) == ["1", "0"]
+    assert checks.gpu_pool("0,2", env={}, query=query, torch_count=no_torch) == ["0", "2"]
+    assert checks.gpu_pool(["GPU-1"], env={}, query=query, torch_count=no_torch) == ["GPU-1"]
+    assert checks.busy_gpus(["0", "1", "2"], query(), 1024) == {"2": 30000.0}
 
 
 @pytest.mark.parametrize(
@@ -76,64 +79,131 @@ def test_gpu_pool_takes_all_or_a_list_and_skips_busy_gpus() -> None:
 )
 def test_gpu_pool_errors_name_the_bad_value(requested, env, message) -> None:
     with pytest.raises(PruneEvalError) as e:
-        launching.gpu_pool(requested, env=env, query=lambda: gpus(3, 5, 30000), torch_count=no_torch)
+        checks.gpu_pool(requested, env=env, query=lambda: gpus(3, 5, 30000), torch_count=no_torch)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-# ----------------------------------------------------------------------------- the local-gpus scheduler
+# ----------------------------------------------------------------------------- the local-gpus dispatcher, with fake workers
 
-class FakeProcess:
-    """Finishes after `polls` calls to poll(); writes the cell's summary (or nothing: a crash)."""
+def job(tmp_path: Path, name: str, cost: float, model: str = "A", shards: int = 1) -> CellJob:
+    cell = tmp_path / name
+    cell.mkdir(exist_ok=True)
+    return CellJob(name, (), str(cell), 0, model, cost, 10, shards)
 
-    def __init__(self, cell_dir: Path, polls: int, code: int) -> None:
-        self.cell_dir, self.polls, self.code = cell_dir, polls, code
 
-    def poll(self):
-        self.polls -= 1
-        if self.polls > 0:
-            return None
-        if self.code == 0:
-            (self.cell_dir / "summary.json").write_text(json.dumps({"status": "complete"}))
+class FakeWorker:
+    """A resident worker as the dispatcher sees it: ready after one poll; answers a cell in cost/10
+    polls and writes its summary; loads a model whenever a cell needs another one than it holds;
+    dies (SIGKILL) on the cells named in `die_on`."""
+
+    def __init__(self, gpu: str, job_id: str, log: Path, die_on: set[str], jobs: dict[str, CellJob], ledger: list) -> None:
+        self.gpu, self.job_id, self.die_on, self.jobs, self.ledger = gpu, job_id, die_on, jobs, ledger
+        self.polls, self.ready_sent, self.code, self.model = 0, False, None, None
+        self.current: tuple[str, int] | None = None
+
+    def send(self, cell: CellJob) -> None:
+        assert self.current is None, f"{self.job_id} got {cell.name} while busy"
+        if cell.model_key != self.model:
+            self.model = cell.model_key
+            self.ledger.append(("load", self.job_id, self.gpu, cell.model_key))
+        self.ledger.append(("run", self.job_id, self.gpu, cell.name))
+        self.current = (cell.name, max(1, int(cell.cost // 10)))
+
+    def replies(self) -> list[dict]:
+        if self.code is not None:
+            return []
+        if not self.ready_sent:
+            self.ready_sent = True
+            return [{"ready": True}]
+        if self.current is None:
+            return []
+        name, left = self.current
+        if left > 1:
+            self.current = (name, left - 1)
+            return []
+        self.current = None
+        if name in self.die_on:
+            self.code = -9
+            return []
+        (Path(self.jobs[name].cell_dir) / "summary.json").write_text(json.dumps({"status": "complete"}))
+        return [{"done": name, "status": "complete"}]
+
+    def exit_code(self):
         return self.code
 
+    def stop(self) -> None:
+        self.code = 0 if self.code is None else self.code
 
-def test_run_on_gpus_puts_one_cell_per_gpu_and_waits_for_a_busy_gpu(tmp_path) -> None:
-    jobs = [Launched(tmp_path / f"cell{i}", job_id=f"local-{i}") for i in range(5)]
-    for job in jobs:
-        job.cell_dir.mkdir()
-    running: dict[str, str] = {}
-    events: list[tuple] = []
-    busy_rounds = iter([True, True, True])  # GPU 1 is used by someone else for the first three rounds
+    def interrupt(self) -> None:
+        self.code = -2
 
-    def start(pickle, log, gpu, job_id):
-        assert gpu not in running.values(), f"GPU {gpu} already runs a cell"
-        running[job_id] = gpu
-        events.append(("start", job_id, gpu))
-        cell = tmp_path / f"cell{job_id.split('-')[1]}"
-        process = FakeProcess(cell, polls=2, code=1 if job_id == "local-3" else 0)
-        original = process.poll
+    def fileno(self):
+        return None
 
-        def poll():
-            code = original()
-            if code is not None and job_id in running:
-                del running[job_id]
-            return code
 
-        process.poll = poll
-        return process
+def dispatch(tmp_path, jobs, pool, *, busy_rounds=0, die_on=()):
+    ledger: list[tuple] = []
+    by_name = {j.name: j for j in jobs}
+    busy = iter([True] * busy_rounds)
 
     def query():
-        return gpus(0, 30000 if next(busy_rounds, False) else 0)
+        return gpus(*[30000 if g == "1" and next(busy, False) else 0 for g in ("0", "1", "2")])
 
     lines: list[str] = []
-    outcomes = launching.run_on_gpus(jobs, [Path("x")] * 5, ["0", "1"], skip_busy=True, busy_memory_mib=1024, poll_s=0,
-                                     progress=Progress("local-gpus", 3600, lines.append), query=query, start=start)
-    assert outcomes == ["complete", "complete", "complete", "died", "complete"]
-    assert [e[2] for e in events[:2]] == ["0", "0"]  # GPU 1 was busy: the first cells queued for GPU 0
-    assert {e[2] for e in events} == {"0", "1"}
-    error = json.loads((tmp_path / "cell3" / "error.json").read_text())
-    assert error["type"] == "JobDied" and "local job local-3 (GPU" in error["message"] and "exit code 1" in error["message"]
-    assert lines[-1].startswith("cells: 4 complete, 0 running, 0 failed, 1 died, 0 pending")
+    dispatcher = local.Dispatcher(jobs, pool, lambda gpu, job_id, log: FakeWorker(gpu, job_id, log, set(die_on), by_name, ledger),
+                                  tmp_path, poll_s=0, progress=Progress("local-gpus", 3600, lines.append), query=query)
+    dispatcher.wait = lambda timeout: None
+    return dispatcher.run(), ledger, lines
+
+
+def test_dispatcher_keeps_each_model_on_its_worker_and_waits_for_a_busy_gpu(tmp_path) -> None:
+    jobs = [job(tmp_path, "a1", 50), job(tmp_path, "b1", 40, "B"), job(tmp_path, "a2", 30), job(tmp_path, "a3", 20), job(tmp_path, "b2", 10, "B")]
+    outcomes, ledger, lines = dispatch(tmp_path, jobs, ["0", "1"], busy_rounds=3)
+    assert outcomes == ["complete"] * 5
+    runs = [(worker, gpu, cell) for kind, worker, gpu, cell in ledger if kind == "run"]
+    assert runs[0] == ("local-0", "0", "a1")  # GPU 1 was busy: the first worker, and the longest cell, on GPU 0
+    assert {gpu for _, gpu, _ in runs} == {"0", "1"}
+    loads = [(worker, model) for kind, worker, _, model in ledger if kind == "load"]
+    assert len(loads) == 2 and len(set(loads)) == 2, loads  # each worker loaded one model, once
+    by_worker = {w: {cell[0] for ww, _, cell in runs if ww == w} for w, _ in loads}
+    assert by_worker == {"local-0": {"a"}, "local-1": {"b"}}, runs  # a model's cells stayed on the worker holding it
+    assert lines[-1].startswith("cells: 5 complete, 0 running, 0 failed, 0 pending")
+
+
+def test_dispatcher_records_a_dead_workers_cell_and_replaces_the_worker(tmp_path) -> None:
+    jobs = [job(tmp_path, f"c{i}", 30) for i in range(4)]
+    outcomes, ledger, lines = dispatch(tmp_path, jobs, ["0"], die_on={"c1"})
+    assert outcomes == ["complete", "died", "complete", "complete"]
+    error = json.loads((tmp_path / "c1" / "error.json").read_text())
+    assert error["type"] == "JobDied" and "local worker local-0 (GPU 0) exited with signal SIGKILL before the cell finished" in error["message"]
+    assert str(tmp_path / "local-0_gpu0_log.out") in error["message"]
+    assert [w for kind, w, _, _ in ledger if kind == "load"] == ["local-0", "local-1"]  # the replacement loads again, once
+    assert "1 died" in lines[-1]
+
+
+class Quiet:
+    def send(self, job) -> None:
+        pass
+
+
+def test_an_idle_worker_helps_the_running_cell_with_the_most_work_per_worker(tmp_path) -> None:
+    big, small = job(tmp_path, "big", 80, shards=4), job(tmp_path, "small", 10, shards=4)
+    dispatcher = local.Dispatcher([big, small], ["0", "1", "2"], lambda *a: Quiet(), tmp_path, skip_busy=False)
+    slots = [local.Slot(str(g), f"local-{g}", tmp_path / str(g), Quiet(), ready=True) for g in range(6)]
+    assert dispatcher.choose(slots[0]) == big
+    dispatcher.send(slots[0], big)
+    assert dispatcher.choose(slots[1]) == small  # a pending cell before any helping
+    dispatcher.send(slots[1], small)
+    assert dispatcher.workers_wanted() == 3  # both cells have free shards; three GPUs
+    assert dispatcher.choose(slots[2]) == big  # 80 s on one worker beats 10 s on one
+    dispatcher.send(slots[2], big)
+    dispatcher.send(slots[3], big)
+    assert dispatcher.free_shards("big") == 1 and dispatcher.choose(slots[4]) == big  # 80 s / 4 workers still beats 10 s / 2
+    dispatcher.send(slots[4], big)
+    assert dispatcher.free_shards("big") == 0 and dispatcher.choose(slots[5]) == small  # no free shard left in big
+    dispatcher.finish(slots[0], "big", "unused")
+    assert dispatcher.choose(slots[0]) == small  # never sent back to a cell it already worked on
+    assert dispatcher.watched["big"].outcome is None  # others still answer it
 
 
 # ----------------------------------------------------------------------------- the SLURM watcher, with a fake squeue
@@ -163,7 +233,7 @@ def watch(jobs, timeline, clock, cancelled=None, lost_after_s=10.0):
         return step
 
     lines: list[str] = []
-    out = launching.watch_slurm(jobs, poll_s=1, lost_after_s=lost_after_s, progress=Progress("slurm 7", 3600, lines.append, clock),
+    out = slurm.watch_slurm(jobs, poll_s=1, lost_after_s=lost_after_s, progress=Progress("slurm 7", 3600, lines.append, clock),
                                 squeue=squeue, cancel=(cancelled.extend if cancelled is not None else lambda ids: None),
                                 clock=clock, sleep=clock.sleep)
     return out, lines
@@ -230,19 +300,19 @@ def fake_run(partitions: str, nodes: str):
 
 
 def test_time_limits_and_gres_parse() -> None:
-    assert launching.parse_time_limit_min("1-02:00:00") == 1560
-    assert launching.parse_time_limit_min("4:00:00") == 240 and launching.parse_time_limit_min("30:00") == 30
-    assert launching.parse_time_limit_min("infinite") is None
-    assert launching.gres_gpus("gpu:a100:8(S:0-1),shard:8") == 8 and launching.gres_gpus("(null)") == 0
+    assert checks.parse_time_limit_min("1-02:00:00") == 1560
+    assert checks.parse_time_limit_min("4:00:00") == 240 and checks.parse_time_limit_min("30:00") == 30
+    assert checks.parse_time_limit_min("infinite") is None
+    assert checks.gres_gpus("gpu:a100:8(S:0-1),shard:8") == 8 and checks.gres_gpus("(null)") == 0
 
 
 @pytest.mark.parametrize(
     ("partition", "request_", "message"),
     [
-        ("gpux", launching.SlurmRequest(), "unknown SLURM partition (launch.partition) 'gpux'; did you mean 'gpu'? choices: cpu, gpu"),
-        (None, launching.SlurmRequest(gpus=1), "launch.gpus=1 is more than any node of partition 'cpu' has (at most 0 GPUs); set launch.gpus=null"),
-        ("gpu", launching.SlurmRequest(cpus=64), "launch.cpus=64 is more than any node of partition 'gpu' has (at most 32 CPUs)"),
-        ("gpu", launching.SlurmRequest(time_min=600), "launch.time_min=600 exceeds the 480-minute limit of partition 'gpu'"),
+        ("gpux", checks.SlurmRequest(), "unknown SLURM partition (launch.partition) 'gpux'; did you mean 'gpu'? choices: cpu, gpu"),
+        (None, checks.SlurmRequest(gpus=1), "launch.gpus=1 is more than any node of partition 'cpu' has (at most 0 GPUs); set launch.gpus=null"),
+        ("gpu", checks.SlurmRequest(cpus=64), "launch.cpus=64 is more than any node of partition 'gpu' has (at most 32 CPUs)"),
+        ("gpu", checks.SlurmRequest(time_min=600), "launch.time_min=600 exceeds the 480-minute limit of partition 'gpu'"),
     ],
 )
 def test_check_slurm_finds_bad_partitions_and_requests(partition, request_, message) -> None:
@@ -253,18 +323,18 @@ def test_check_slurm_finds_bad_partitions_and_requests(partition, request_, mess
         return subprocess.CompletedProcess(args, 0, stdout=stdout, stderr="")
 
     with pytest.raises(PruneEvalError) as e:
-        launching.check_slurm(partition, request_, which=lambda c: f"/usr/bin/{c}", run=run)
+        checks.check_slurm(partition, request_, which=lambda c: f"/usr/bin/{c}", run=run)
     assert message in str(e.value)
-    launching.check_slurm("gpu", launching.SlurmRequest(cpus=8, mem_gb=64, gpus=1, time_min=240), which=lambda c: c, run=run)
+    checks.check_slurm("gpu", checks.SlurmRequest(cpus=8, mem_gb=64, gpus=1, time_min=240), which=lambda c: c, run=run)
 
 
 def test_check_slurm_needs_sbatch() -> None:
     with pytest.raises(PruneEvalError, match="launch=slurm needs `sbatch`, which is not on PATH"):
-        launching.check_slurm(None, which=lambda c: None, run=fake_run("", ""))
+        checks.check_slurm(None, which=lambda c: None, run=fake_run("", ""))
 
 
 def test_sweep_dir_override_quotes_the_path() -> None:
-    assert launching.sweep_dir_override(Path("/a/b c/it's")) == "hydra.sweep.dir='/a/b c/it\\'s'"
+    assert sweep.sweep_dir_override(Path("/a/b c/it's")) == "hydra.sweep.dir='/a/b c/it\\'s'"
 
 
 # ----------------------------------------------------------------------------- through the CLI
@@ -335,7 +405,7 @@ def test_a_refused_launch_leaves_plan_json_untouched_also_when_every_cell_is_com
 def test_local_gpus_sweep_runs_one_cell_per_gpu_and_skips_the_busy_one(tmp_path) -> None:
     env = fake_nvidia_smi(tmp_path)
     env["CUDA_VISIBLE_DEVICES"] = "0,1,2"
-    result = run_cli(["-m", *FAST_DEMO, "launch=local-gpus", "method=vanilla", "seed=0,1,2,3", "launch.progress_s=2"],
+    result = run_cli(["-m", *FAST_DEMO, "launch=local-gpus", "method=random", "budget=64", "seed=0,1,2,3", "launch.progress_s=2"],
                      tmp_path, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "launching 4 cell(s) on GPU(s) 0, 1, 2" in result.stdout
@@ -347,15 +417,38 @@ def test_local_gpus_sweep_runs_one_cell_per_gpu_and_skips_the_busy_one(tmp_path)
     runs = []
     for cell in cells:
         assert json.loads((cell / "summary.json").read_text())["status"] == "complete"
-        events = launching.read_events(cell)
-        assert [e["event"] for e in events] == ["start", "end"] and events[1]["status"] == "complete"
-        runs.append((events[0]["gpu"], events[0]["time"], events[1]["time"]))
-    assert {gpu for gpu, _, _ in runs} == {"0", "1"}  # never the busy GPU 2; both free GPUs used
+        lines = events.read_events(cell)
+        assert [e["event"] for e in lines] == ["start", "computed", "end"] and lines[-1]["status"] == "complete"
+        runs.append((lines[0]["gpu"], lines[0]["time"], lines[-1]["time"], lines[0]["job_id"], lines[1]["load_s"]))
+    assert {gpu for gpu, *_ in runs} == {"0", "1"}  # never the busy GPU 2; both free GPUs used
     for gpu in ("0", "1"):
-        intervals = sorted((s, e) for g, s, e in runs if g == gpu)
+        intervals = sorted((s, e) for g, s, e, *_ in runs if g == gpu)
         assert all(end <= next_start for (_, end), (next_start, _) in zip(intervals, intervals[1:])), intervals
-    rerun = run_cli(["-m", *FAST_DEMO, "launch=local-gpus", "method=vanilla", "seed=0,1,2,3"], tmp_path, env=env, timeout=120)
+    workers = {job_id for *_, job_id, _ in runs}
+    for worker in workers:  # resident: each worker loaded the model for its first cell only
+        assert sum(load_s > 0 for *_, job_id, load_s in runs if job_id == worker) == 1, runs
+    assert len(workers) == 2 and "resident worker per GPU" in result.stdout
+    rerun = run_cli(["-m", *FAST_DEMO, "launch=local-gpus", "method=random", "budget=64", "seed=0,1,2,3"], tmp_path, env=env, timeout=120)
     assert rerun.returncode == 0 and "4 were already complete" in rerun.stdout and "launching 4" not in rerun.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_local_gpus_workers_share_one_large_cell_by_shards(tmp_path) -> None:
+    """One cell of 8 shards on two GPUs: both workers start at once and answer different shards;
+    each question is answered once and the cell has one summary."""
+    env = fake_nvidia_smi(tmp_path)
+    env["CUDA_VISIBLE_DEVICES"] = "0,1"
+    result = run_cli(["-m", *FAST_DEMO, "data.n_images=8", "eval.shard_images=1", "launch=local-gpus", "method=random", "budget=64"],
+                     tmp_path, env=env, timeout=360)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (cell,) = [p for p in (tmp_path / "outputs" / "demo").iterdir() if (p / "cell.json").exists()]
+    timing = json.loads((cell / "summary.json").read_text())["timing"]
+    assert timing["workers"] == ["local-0", "local-1"] and timing["shards"] == 8 and timing["questions_computed"] == 8 * 18
+    read = records.read_records(cell)
+    assert not read.conflicts and sum(len(records.read_part(p)) for p in records.part_paths(cell)) == len(read.records) == 8 * 18
+    shards = sorted(e["shard"] for e in events.read_events(cell) if e["event"] == "computed")
+    assert shards == list(range(8)) and timing["loads"] == 2  # one load per worker
 
 
 BOOM_LAUNCHER = """
@@ -386,10 +479,10 @@ def test_a_launcher_that_breaks_still_gets_the_status_table_and_report(tmp_path)
 
 
 def test_local_worker_module_runs_a_pickled_call(tmp_path) -> None:
-    """The local-gpus worker entry point (`python -m prune_eval.execution.launching <pickle>`)."""
+    """The local-gpus worker entry point (`python -m prune_eval.execution.worker <pickle>`)."""
     from submitit.helpers import DelayedSubmission
 
     path = tmp_path / "job.pkl"
     DelayedSubmission(Path.write_text, tmp_path / "out.txt", "ran").dump(path)
-    subprocess.run([sys.executable, "-m", "prune_eval.execution.launching", str(path)], check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "prune_eval.execution.worker", str(path)], check=True, timeout=60)
     assert (tmp_path / "out.txt").read_text() == "ran"

@@ -18,7 +18,7 @@ import pytest
 from conftest import FAST_DEMO, run_cli
 from hydra import compose, initialize_config_dir
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.analysis import analyse
 from prune_eval.config import CONF_DIR, numerics_identity, plan_cell
 

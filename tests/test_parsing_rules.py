@@ -20,7 +20,7 @@ from conftest import POPE, REFERENCE_ANSWERS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.analysis import cellfiles, metrics
 from prune_eval.analysis.ingest import answer_record, ingest
 from prune_eval.data.pope import Question

@@ -25,7 +25,7 @@ import pytest
 from conftest import POPE, REFERENCE_ANSWERS, run_cli
 from test_report import counts_of, experiment_of, pope_questions, simulate, write_cell
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.analysis import analyse, metrics, stats
 from prune_eval.analysis.wording import pts_exact
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import FAST_DEMO, POPE, REFERENCE_ANSWERS, run_cli
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.analysis import cellfiles, metrics, published, report, stats
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OUTPUTS = ("report.md", "report.html", "cells.csv", "gaps.csv", "table.tex")

@@ -14,7 +14,7 @@ import pytest
 from conftest import FAST_DEMO, run_cli
 from PIL import Image
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.execution.cell import cell_status
 from prune_eval.methods import sparsevlm
 
@@ -35,7 +35,7 @@ def all_records(sweep_dir: Path) -> dict[str, list[dict]]:
 
 
 def test_demo_sweep_writes_records_for_every_cell_and_resumes(tmp_path) -> None:
-    result = run_cli(["-m", *FAST_DEMO, "method=vanilla", "seed=0,1"], tmp_path)
+    result = run_cli(["-m", *FAST_DEMO, "method=random", "budget=64", "seed=0,1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "outputs" / "demo"
     assert f"sweep {Path('outputs/demo')}" in result.stdout and "records: outputs/demo/<cell>/records/" in result.stdout
@@ -46,10 +46,10 @@ def test_demo_sweep_writes_records_for_every_cell_and_resumes(tmp_path) -> None:
         assert summary["status"] == "complete" and summary["n_questions"] == 3 * 3 * 6
         assert summary["data"]["format"] == "synthetic" and summary["model"]["source"] == "toy"
         assert summary["environment"]["versions"]["torch"] and "git" in summary["environment"]
-        assert {r["visual_tokens"] for r in records.read_records(cell).records} == {576}
+        assert {r["visual_tokens"] for r in records.read_records(cell).records} == {64}
     plan = json.loads((sweep / "plan.json").read_text())
     assert sorted(plan["cells"]) == [c.name for c in found]
-    again = run_cli(["-m", *FAST_DEMO, "method=vanilla", "seed=0,1"], tmp_path)
+    again = run_cli(["-m", *FAST_DEMO, "method=random", "budget=64", "seed=0,1"], tmp_path)
     assert again.returncode == 0 and "2 were already complete" in again.stdout
 
 
@@ -73,7 +73,7 @@ def wait_for_part(sweep: Path, process: subprocess.Popen, timeout: float = 120) 
 
 
 def test_sigkill_mid_sweep_then_rerun_gives_identical_records(tmp_path) -> None:
-    args = ["-m", *FAST_DEMO, "method=vanilla", "seed=0,1", "eval.part_size=6", "eval.batch_size=6"]
+    args = ["-m", *FAST_DEMO, "method=random", "budget=64", "seed=0,1", "eval.part_size=6", "eval.batch_size=6"]
     reference = run_cli([*args, "name=reference"], tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -125,24 +125,35 @@ def test_a_failing_cell_records_its_error_and_the_others_go_on(tmp_path) -> None
 
 
 def test_method_sweep_seeds_and_shared_cells(tmp_path) -> None:
-    """VisionZip is deterministic across seeds, random is not; vanilla ignores the budget."""
+    """Random uses the seed, VisionZip and vanilla do not (one cell serves both seeds), vanilla ignores
+    the budget; the 7 cells of 12 jobs load the model once (launch=local: one resident model)."""
     result = run_cli(["-m", *FAST_DEMO, "method=vanilla,visionzip,random", "budget=64,128", "seed=0,1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "outputs" / "demo"
     found = {c.name: c for c in cells(sweep)}
-    assert len(found) == 2 + 4 + 4  # 12 jobs, vanilla's budgets share a cell
-    assert "2 job(s) shared a cell" in result.stdout
+    assert len(found) == 1 + 2 + 4  # 12 jobs: vanilla is one cell, VisionZip one per budget, random one per budget and seed
+    assert "5 job(s) shared a cell" in result.stdout
+    for tokens in (64, 128):
+        assert f"visionzip-{tokens} does not use the seed: one computation serves seeds 0–1 (visionzip-{tokens}_anyseed_" in result.stdout
+    assert "vanilla-576 does not use the seed: one computation serves seeds 0–1" in result.stdout
+    summaries = {n: json.loads((c / "summary.json").read_text()) for n, c in found.items()}
+    assert sum(s["timing"]["loads"] for s in summaries.values()) == 1  # counted, not timed
+    assert all(s["timing"]["questions_computed"] == s["n_questions"] for s in summaries.values())  # each computed once
+    plan = json.loads((sweep / "plan.json").read_text())["cells"]
+    assert all(plan[n]["seeds"] == [0, 1] and plan[n]["uses_seed"] is False for n in found if "_anyseed_" in n)
+    assert "report: " in result.stdout  # the report reads cells whose seed is null
 
-    def answers(prefix: str, seed: int) -> list[str]:
-        (cell,) = [c for n, c in found.items() if n.startswith(f"{prefix}_seed{seed}_")]
+    def answers(prefix: str, seed: int | None) -> list[str]:
+        tag = "anyseed" if seed is None else f"seed{seed}"
+        (cell,) = [c for n, c in found.items() if n.startswith(f"{prefix}_{tag}_")]
         rows = sorted(records.read_records(cell).records, key=lambda r: r["key"])
         return [r["raw_answer"] for r in rows], {r["visual_tokens"] for r in rows}
 
-    assert answers("visionzip-64", 0) == answers("visionzip-64", 1)
-    assert answers("visionzip-64", 0)[1] == {64} and answers("visionzip-128", 0)[1] == {128}
+    assert answers("visionzip-64", None)[1] == {64} and answers("visionzip-128", None)[1] == {128}
     assert answers("random-64", 0)[0] != answers("random-64", 1)[0]
-    assert answers("vanilla-576", 0)[1] == {576}
-    summary = json.loads((next(c for n, c in found.items() if n.startswith("visionzip-64_seed0")) / "summary.json").read_text())
+    assert answers("vanilla-576", None)[1] == {576}
+    summary = summaries[next(n for n in found if n.startswith("visionzip-64_anyseed"))]
+    assert summary["experiment"]["seed"] is None and summary["method"]["uses_seed"] is False
     assert summary["method"]["params"] | {} == {"visual_tokens": 64, "dominant": 54, "contextual": 10, "vision_layer": -2,
                                                  "split_rule": "published (VisionZip README / paper appendix B.1)"}
 

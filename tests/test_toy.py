@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from prune_eval.analysis import report
 from prune_eval.models import loading
-from prune_eval.records import sha256_file
+from prune_eval.execution.records import sha256_file
 
 pytestmark = pytest.mark.slow
 

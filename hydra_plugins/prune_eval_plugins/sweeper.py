@@ -47,9 +47,9 @@ class PruneEvalSweeper(Sweeper):
     def sweep(self, arguments: list) -> Any:
         from prune_eval.execution import sweep
         from prune_eval.execution.cell import cell_status
-        from prune_eval.overrides import applicable_jobs, check_output_overrides
         from prune_eval.errors import PruneEvalError, error_text
-        from prune_eval.records import atomic_write_bytes
+        from prune_eval.execution.records import atomic_write_bytes
+        from prune_eval.overrides import applicable_jobs, check_output_overrides
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prune_eval import records
+from prune_eval.execution import records
 from prune_eval.analysis import metrics
 SUMMARY, ERROR, CELL_FILE, LOCK = "summary.json", "error.json", "cell.json", ".lock"
 STATUSES = ("complete", "failed", "partial", "missing", "busy")

@@ -30,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from prune_eval import records
 from prune_eval.analysis import choices, metrics
+from prune_eval.execution import records
 from prune_eval.analysis.cellfiles import CELL_FILE, SUMMARY
 from prune_eval.data import pope
 from prune_eval.errors import PruneEvalError

@@ -36,7 +36,7 @@ from prune_eval.analysis.compare import sign_line  # noqa: F401
 from prune_eval.analysis.configs import REPORT_DIR
 from prune_eval.analysis.pairs import FACTORS
 from prune_eval.errors import PruneEvalError
-from prune_eval.records import atomic_write_bytes
+from prune_eval.execution.records import atomic_write_bytes
 
 
 def inventory(sweep_dir: Path) -> list[configs.Entry]:

@@ -30,7 +30,7 @@ from prune_eval.assets import download
 from prune_eval.assets.download import CORRUPT, DOWNLOADED, FAILED, MISSING, PRESENT, Outcome
 from prune_eval.data.pope import KNOWN_VERSIONS, SPLITS, pope_file
 from prune_eval.errors import PruneEvalError
-from prune_eval.records import sha256_file
+from prune_eval.execution.records import sha256_file
 
 COCO_URL = "http://images.cocodataset.org/val2014"
 COCO_ZIP = "http://images.cocodataset.org/zips/val2014.zip"

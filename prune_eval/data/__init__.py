@@ -14,6 +14,7 @@ from prune_eval.data import pope, synthetic
 from prune_eval.data.pope import Question
 from prune_eval.errors import PruneEvalError, unknown_choice
 from prune_eval.registry import Registry
+from prune_eval.specs import DataSpec
 
 
 @dataclass
@@ -27,8 +28,8 @@ class Dataset:
 DATASETS: Registry[Callable[..., Dataset]] = Registry("data")
 
 
-def _splits(data_cfg) -> tuple[str, ...]:
-    value = data_cfg.get("splits")
+def _splits(data: DataSpec) -> tuple[str, ...]:
+    value = data.splits
     if value is None:
         return pope.SPLITS
     if isinstance(value, str) or not hasattr(value, "__iter__"):
@@ -43,33 +44,35 @@ def _splits(data_cfg) -> tuple[str, ...]:
     return splits
 
 
-def _whole_number(data_cfg, key: str, minimum: int) -> int:
-    value = data_cfg.get(key)
+def _whole_number(data: DataSpec, key: str, minimum: int) -> int:
+    value = getattr(data, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise PruneEvalError(f"data.{key}={value}; must be a whole number >= {minimum}")
     return value
 
 
-def check_data_options(data_cfg) -> None:
-    """The options every data set shares, and the synthetic one's numbers, before anything is read."""
-    _splits(data_cfg)
-    if str(data_cfg.get("name")) == "pope-synthetic":
-        _whole_number(data_cfg, "n_images", 1)
-        _whole_number(data_cfg, "seed", 0)
-        if str(data_cfg.get("version")) != synthetic.GENERATOR_VERSION:
-            raise PruneEvalError(f"data.version={data_cfg.get('version')} for pope-synthetic; this code generates version {synthetic.GENERATOR_VERSION}")
+def check_data_options(data: DataSpec) -> None:
+    """The options every data set shares, and the synthetic one's numbers, before anything is read.
+    `data`: a DataSpec (or a `data` config node, converted)."""
+    data = DataSpec.of(data)
+    _splits(data)
+    if data.name == "pope-synthetic":
+        _whole_number(data, "n_images", 1)
+        _whole_number(data, "seed", 0)
+        if data.version != synthetic.GENERATOR_VERSION:
+            raise PruneEvalError(f"data.version={data.version} for pope-synthetic; this code generates version {synthetic.GENERATOR_VERSION}")
 
 
 @DATASETS.register("pope")
-def load_pope(data_cfg) -> Dataset:
-    image_dir = Path(data_cfg.image_dir).expanduser().resolve()
-    llava_file = data_cfg.get("llava_question_file")
+def load_pope(data: DataSpec) -> Dataset:
+    image_dir = Path(str(data.image_dir)).expanduser().resolve()
+    llava_file = data.llava_question_file
     questions, provenance = pope.load_pope(
-        Path(data_cfg.question_dir).expanduser().resolve(),
-        version=str(data_cfg.version),
-        splits=_splits(data_cfg),
+        Path(str(data.question_dir)).expanduser().resolve(),
+        version=data.version,
+        splits=_splits(data),
         llava_question_file=Path(llava_file).expanduser().resolve() if llava_file else None,
-        allow_unknown_version=bool(data_cfg.get("allow_unknown_version", False)),
+        allow_unknown_version=data.allow_unknown_version,
     )
     provenance["image_dir"] = str(image_dir)
     from prune_eval.data import images
@@ -78,16 +81,16 @@ def load_pope(data_cfg) -> Dataset:
 
 
 @DATASETS.register("pope-synthetic")
-def load_synthetic(data_cfg) -> Dataset:
-    check_data_options(data_cfg)
-    n_images = data_cfg.n_images
-    splits = _splits(data_cfg)
-    questions = synthetic.make_questions(n_images, seed=int(data_cfg.seed), splits=splits)
+def load_synthetic(data: DataSpec) -> Dataset:
+    check_data_options(data)
+    n_images = data.n_images
+    splits = _splits(data)
+    questions = synthetic.make_questions(n_images, seed=int(data.seed), splits=splits)
     provenance = {
         "format": "synthetic",
         "version": synthetic.GENERATOR_VERSION,
         "n_images": n_images,
-        "seed": int(data_cfg.seed),
+        "seed": int(data.seed),
         "counts": {s: sum(q.split == s for q in questions) for s in splits},
     }
     from prune_eval.data import images
@@ -95,7 +98,7 @@ def load_synthetic(data_cfg) -> Dataset:
     return Dataset(questions, images.synthetic_loader(), provenance, lambda: None)
 
 
-def input_problems(data_cfg) -> list[str]:
+def input_problems(data: DataSpec) -> list[str]:
     """One line per problem with the files this data config reads, each self-contained: missing
     question files (with the command that fetches them), question files that are not the configured
     POPE version or not valid, missing images (a count, an example path, the command that fetches
@@ -105,16 +108,17 @@ def input_problems(data_cfg) -> list[str]:
     missing is said at once. Images: the ones the question files ask about when those are readable,
     else POPE's 500 (the shipped list). Only their existence is checked here; the cell decodes them.
     """
-    if str(data_cfg.get("name")) != "pope":
+    data = DataSpec.of(data)
+    if data.name != "pope":
         return []
     try:
-        splits = _splits(data_cfg)
+        splits = _splits(data)
     except PruneEvalError as e:
         return [str(e)]
     lines = []
-    version = str(data_cfg.get("version"))
-    question_dir = Path(str(data_cfg.question_dir)).expanduser()
-    llava_file = data_cfg.get("llava_question_file")
+    version = data.version
+    question_dir = Path(str(data.question_dir)).expanduser()
+    llava_file = data.llava_question_file
     if version not in pope.KNOWN_VERSIONS:
         lines.append(str(unknown_choice("POPE version (data.version)", version, pope.KNOWN_VERSIONS)))
     missing = pope.missing_files(question_dir, splits)
@@ -129,14 +133,14 @@ def input_problems(data_cfg) -> list[str]:
     names = None
     if not lines:
         try:
-            names = sorted({q.image for q in load_dataset(data_cfg).questions})
+            names = sorted({q.image for q in load_dataset(data).questions})
         except PruneEvalError as e:  # another POPE version, a malformed file, ...
             lines.append(str(e))
     if names is None:
         from prune_eval.assets.pope import NAMES_FILE
 
         names = sorted({line.strip() for line in NAMES_FILE.read_text().splitlines() if line.strip()})
-    image_dir = Path(str(data_cfg.image_dir)).expanduser()
+    image_dir = Path(str(data.image_dir)).expanduser()
     absent = [n for n in names if not (image_dir / n).is_file()]
     if absent:
         out = "" if image_dir.resolve() == Path("data/coco/val2014").resolve() else f" --out {image_dir}"
@@ -145,5 +149,8 @@ def input_problems(data_cfg) -> list[str]:
     return lines
 
 
-def load_dataset(data_cfg) -> Dataset:
-    return DATASETS.get(str(data_cfg.name))(data_cfg)
+
+def load_dataset(data: DataSpec) -> Dataset:
+    """The questions and images a DataSpec (or a `data` config node, converted) describes."""
+    data = DataSpec.of(data)
+    return DATASETS.get(data.name)(data)

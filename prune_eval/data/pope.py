@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prune_eval.errors import PruneEvalError
-from prune_eval.records import sha256_file
+from prune_eval.execution.records import sha256_file
 
 SPLITS = ("adversarial", "popular", "random")
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."

@@ -4,7 +4,9 @@ Runs in the submitting process (from the prune_eval Hydra sweeper): every job's 
 and validated first, so a bad budget or a missing file is reported for all cells at once and no job
 starts. Jobs that resolve to the same cell are launched once; complete cells are skipped, so
 rerunning a sweep submits only what is unfinished. `plan.json` in the sweep directory remembers every
-cell ever requested there, which is how the report lists missing cells.
+cell ever requested there, which is how the report lists missing cells, and which seeds each cell
+serves: a method that draws no random numbers (VisionZip, vanilla, SparseVLM v2) has one cell for all
+seeds (its experiment's seed is null), listed with every requested seed.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from omegaconf.errors import OmegaConfBaseException
 from prune_eval.analysis.cellfiles import cell_status, error_message, lock_holder, read_summary
 from prune_eval.config import check_quant_backend, config_error, explain_composition_error, input_problems, plan_cell
 from prune_eval.errors import PruneEvalError
+from prune_eval.execution.records import atomic_write_json
+from prune_eval.execution.schedule import CellJob, cell_job
 from prune_eval.overrides import output_dir_problem
-from prune_eval.records import atomic_write_json
+from prune_eval.specs import CellSpec
 
 log = logging.getLogger("prune_eval")
 PLAN, PLAN_LOCK = "plan.json", ".plan.lock"
@@ -34,6 +38,21 @@ class PlannedCell:
     name: str
     overrides: list[str]
     aliases: list[list[str]] = field(default_factory=list)  # other job overrides resolving here
+    seeds: list[int] = field(default_factory=list)  # the requested seeds this cell serves
+    spec: CellSpec | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, spec: CellSpec, overrides: list[str]) -> "PlannedCell":
+        return cls(spec.name, overrides, seeds=[spec.seed], spec=spec)
+
+    def add_alias(self, overrides: list[str], spec: CellSpec) -> None:
+        self.aliases.append(overrides)
+        if spec.seed not in self.seeds:
+            self.seeds.append(spec.seed)
+
+    @property
+    def seed_free(self) -> bool:
+        return self.spec is not None and self.spec.seed_free
 
 
 def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig], sweep_dir: Path | None = None) -> list[PlannedCell]:
@@ -81,9 +100,9 @@ def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Dict
             problems.append(f"{label}: {config_error(cfg, e)}")
             continue
         if spec.name in cells:
-            cells[spec.name].aliases.append(overrides)
+            cells[spec.name].add_alias(overrides, spec)
         else:
-            cells[spec.name] = PlannedCell(spec.name, overrides)
+            cells[spec.name] = PlannedCell.of(spec, overrides)
     scattered = output_dir_problem([j for j, _ in dirs], [d for _, d in dirs], str(sweep_dir) if sweep_dir else None) if dirs else None
     if scattered:
         raise PruneEvalError(scattered)
@@ -100,8 +119,11 @@ def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Dict
 def record_plan(sweep_dir: Path, planned: list[PlannedCell]) -> None:
     """Merge this sweep's cells into plan.json (cells requested by earlier sweeps stay listed).
 
-    Read, merge and write happen under an flock on `.plan.lock`, so two sweeps started on the same
-    directory at once both keep their cells (without it, the later write drops the earlier one's).
+    Each cell: `overrides` (the first job that resolved to it), `aliases` (the other jobs),
+    `seeds` (every seed requested for it, over all sweeps) and `uses_seed` (false: the method draws
+    no random numbers, one computation serves all of `seeds`). Read, merge and write happen under an
+    flock on `.plan.lock`, so two sweeps started on the same directory at once both keep their cells
+    (without it, the later write drops the earlier one's).
     """
     path = Path(sweep_dir) / PLAN
     with open(Path(sweep_dir) / PLAN_LOCK, "a+") as lock:
@@ -113,7 +135,10 @@ def record_plan(sweep_dir: Path, planned: list[PlannedCell]) -> None:
         except (OSError, ValueError) as e:
             raise PruneEvalError(f"{path} is unreadable ({e}); fix or remove it (it lists the cells requested so far)") from None
         for cell in planned:
-            plan["cells"][cell.name] = {"overrides": cell.overrides, "aliases": cell.aliases}
+            earlier = plan["cells"].get(cell.name) if isinstance(plan["cells"].get(cell.name), dict) else {}
+            seeds = sorted({*cell.seeds, *(s for s in earlier.get("seeds", []) if isinstance(s, int))})
+            plan["cells"][cell.name] = {"overrides": cell.overrides, "aliases": cell.aliases, "seeds": seeds,
+                                        "uses_seed": not cell.seed_free}
         atomic_write_json(path, plan)
 
 
@@ -121,7 +146,7 @@ def check_launcher(launcher, config: DictConfig) -> None:
     """The launcher's own checks (no sbatch, an unknown partition, no GPU, a sweep over a launcher
     setting), before plan.json or multirun.yaml is written and whether or not any cell is left to run.
     Raises PruneEvalError."""
-    from prune_eval.execution.launching import check_launch_overrides
+    from prune_eval.execution.checks import check_launch_overrides
 
     check_launch_overrides(config.hydra.overrides.task)
     if hasattr(launcher, "check_before_launch"):
@@ -129,12 +154,34 @@ def check_launcher(launcher, config: DictConfig) -> None:
 
 
 def launch(launcher, cells: list[PlannedCell], sweep_dir: Path) -> list:
-    """Launch the cells. prune_eval's launchers (launch=local-gpus, slurm) watch the cell directories
-    instead of job results, so they are given them; Hydra's own launchers get the overrides alone."""
-    overrides = [c.overrides for c in cells]
+    """Launch the cells. prune_eval's launchers (launch=local, local-gpus, slurm) schedule cells by
+    model and estimated cost and watch the cell directories instead of job results, so they get
+    CellJobs; Hydra's own launchers get the overrides alone."""
     if hasattr(launcher, "launch_cells"):
-        return list(launcher.launch_cells(overrides, [Path(sweep_dir) / c.name for c in cells]))
-    return list(launcher.launch(overrides, initial_job_idx=0))
+        return list(launcher.launch_cells(cell_jobs(cells, sweep_dir)))
+    return list(launcher.launch([c.overrides for c in cells], initial_job_idx=0))
+
+
+def sweep_dir_override(sweep_dir: Path) -> str:
+    """`hydra.sweep.dir=<absolute>` for the jobs, so a worker's cwd does not matter."""
+    text = str(Path(sweep_dir).absolute()).replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+    return f"hydra.sweep.dir='{text}'"
+
+
+def cell_jobs(cells: Sequence[PlannedCell], sweep_dir: Path) -> list[CellJob]:
+    """What the launchers and workers need of each planned cell."""
+    override = sweep_dir_override(sweep_dir)
+    return [cell_job(c.spec, [*c.overrides, override], Path(sweep_dir) / c.name, num) for num, c in enumerate(cells)]
+
+
+def cell_jobs_of(launcher, job_overrides: Sequence[Sequence[str]]) -> list[CellJob]:
+    """CellJobs for job overrides that did not come through prune_eval's sweeper (Hydra's launch())."""
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir)).absolute()
+    planned = []
+    for overrides in job_overrides:
+        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        planned.append(PlannedCell.of(plan_cell(cfg), list(map(str, overrides))))
+    return cell_jobs(planned, sweep_dir)
 
 
 def requested_cells(sweep_dir: Path) -> list[str]:
@@ -166,7 +213,8 @@ def describe_outcome(sweep_dir: Path, planned: list[PlannedCell], skipped: int) 
         + (f"; {shared} job(s) shared a cell with an equivalent configuration" if shared else "")
     )
     failed = [n for n, s in statuses.items() if s == "failed"]
-    tail = "".join(f"\n  failed: {n}: {error_message(Path(sweep_dir) / n)}" for n in failed)
+    tail = "".join(f"\n  {line}" for line in seed_sharing(planned))
+    tail += "".join(f"\n  failed: {n}: {error_message(Path(sweep_dir) / n)}" for n in failed)
     busy = [n for n, s in statuses.items() if s == "busy"]
     tail += "".join(f"\n  busy: {n}: being computed by another process ({lock_holder(Path(sweep_dir) / n) or 'unknown'}); "
                     "left alone, rerun this sweep once it has finished" for n in busy)
@@ -174,6 +222,30 @@ def describe_outcome(sweep_dir: Path, planned: list[PlannedCell], skipped: int) 
     return head + "\n" + table + tail + footer, all(s == "complete" for s in statuses.values())
 
 
+
+
+def seed_ranges(seeds: Sequence[int]) -> str:
+    """'0–4', '0–2, 5, 7–8' (sorted, consecutive seeds as ranges)."""
+    ordered, parts = sorted(set(seeds)), []
+    start = prev = None
+    for seed in ordered + [None]:
+        if seed is not None and prev is not None and seed == prev + 1:
+            prev = seed
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}–{prev}")
+        start = prev = seed
+    return ", ".join(parts)
+
+
+def seed_sharing(planned: Sequence[PlannedCell]) -> list[str]:
+    """One line per seed-free cell that serves several requested seeds."""
+    lines = []
+    for cell in planned:
+        if cell.seed_free and len(cell.seeds) > 1:
+            label = cell.name.split("_")[0]  # method[-version]-tokens
+            lines.append(f"{label} does not use the seed: one computation serves seeds {seed_ranges(cell.seeds)} ({cell.name})")
+    return lines
 
 
 def write_report_if_available(sweep_dir: Path) -> None:

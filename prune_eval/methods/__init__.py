@@ -73,8 +73,14 @@ class Method:
     make_pruner: Callable[..., QuestionPruner] | None = None
     needs_cls_attention: bool = False
     needs_keys: bool = False
-    uses_seed: bool = False  # its output depends on the run's seed
+    # its output depends on the run's seed: a bool, or a function of the resolved parameters (SparseVLM:
+    # v1/v1.5 draw DPC-kNN noise, v2 draws nothing). False: one cell serves every seed of a sweep.
+    uses_seed: bool | Callable[[dict[str, Any]], bool] = False
     text_dependent: bool = False  # its selection depends on the question
+
+    def seed_matters(self, params: dict[str, Any]) -> bool:
+        """Whether the output with these resolved parameters can depend on the seed."""
+        return bool(self.uses_seed(params) if callable(self.uses_seed) else self.uses_seed)
 
 
 METHODS: Registry[Method] = Registry("method")

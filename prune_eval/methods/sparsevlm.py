@@ -586,7 +586,7 @@ SPARSEVLM = register(
         select=lambda vision, params, seeds: vision.hidden[:, 1:],
         make_hook=make_hook,
         make_pruner=make_pruner,
-        uses_seed=True,  # v1/v1.5's DPC-kNN density noise; v2 draws nothing
+        uses_seed=lambda params: bool(params["recycling"]),  # v1/v1.5's DPC-kNN density noise; v2 draws nothing
         text_dependent=True,
     )
 )

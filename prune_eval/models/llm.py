@@ -126,6 +126,9 @@ class LayerHook:
         return None
 
 
+RECOMPILE_LIMIT = 64  # compiled variants per frame (LanguageModel.compiled); each is a kind of call, not a layer
+
+
 @dataclass
 class LanguageModel:
     """The parts of LLaVA's LLM we drive: embeddings, decoder layers, final norm, rotary, lm_head."""
@@ -150,14 +153,30 @@ class LanguageModel:
     def n_layers(self) -> int:
         return len(self.layers)
 
-    def compiled(self) -> "LanguageModel":
+    def compiled(self, backend: str | Callable = "inductor") -> "LanguageModel":
         """The same model with each decoder layer under torch.compile (dynamic shapes).
 
         Inductor fuses the element-wise work around the matrix products (RMSNorm, rotary, SiLU,
         residuals), a third of the prefill time on an H100 in eager mode. The KV cache update stays
-        eager; the compiled code is shared by all layers, and a new batch shape does not recompile.
+        eager (a graph break). Every layer runs the same code (LlamaDecoderLayer.forward), so its
+        compiled graphs are shared by all layers: compiled once, not once per layer. What would
+        otherwise tell the layers apart is `self_attn.layer_idx`, an int attribute that dynamo
+        treats as a constant and guards on (each layer a recompile, and past
+        `torch._dynamo.config.recompile_limit`, 8, the remaining layers ran uncompiled);
+        `allow_unspec_int_on_nn_module` makes such ints graph inputs instead (set process-wide: this
+        is the only compiled code prune_eval runs). What remains are variants per kind of call,
+        not per layer: a mask or none, one query or many, one row or many (dynamo specializes
+        sizes 0 and 1), and equal sizes it guards on ("duck sizing"); for the first kinds of call
+        it meets, dynamo also compiles layer 0 on its own (a first value is a constant until it
+        changes, then the index is a graph input for every layer after); with the nested frames
+        transformers adds (GradientCheckpointingLayer.__call__, a deprecation wrapper), they can
+        exceed 8 per frame, so the limit is raised to RECOMPILE_LIMIT, deliberately.
+        tests/test_compile.py checks that every layer call runs through compiled graphs.
+        `backend` is torch.compile's (tests use a counting one).
         """
-        layers = nn.ModuleList([torch.compile(layer, dynamic=True) for layer in self.layers])
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        layers = nn.ModuleList([torch.compile(layer, dynamic=True, backend=backend) for layer in self.layers])
         return LanguageModel(self.embed_tokens, layers, self.norm, self.rotary_emb, self.lm_head, self.cache_kwarg)
 
 

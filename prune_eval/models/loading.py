@@ -24,6 +24,7 @@ from prune_eval.errors import PruneEvalError
 from prune_eval.methods import ModelGeometry
 from prune_eval.models import original, tiny
 from prune_eval.models.llm import LanguageModel
+from prune_eval.specs import ModelSpec
 
 SOURCES = ("hub", "path", "tiny", "toy", "original")  # original: LLaVA's own layout (models/original.py)
 TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"  # trained by python -m prune_eval.toy train
@@ -62,17 +63,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def checkpoint_location(model_cfg) -> str:
-    """The local path if one is set, else the shipped toy weights or the hub id."""
-    if model_cfg.get("path"):
-        return str(model_cfg.path)
-    return str(TOY_DIR) if model_cfg.get("source") == "toy" else str(model_cfg.get("id"))
+def checkpoint_location(model: ModelSpec) -> str:
+    """The local path if one is set, else the shipped toy weights or the hub id. `model`: a ModelSpec
+    (or a `model` config node, converted)."""
+    model = ModelSpec.of(model)
+    if model.path:
+        return model.path
+    return str(TOY_DIR) if model.source == "toy" else str(model.id)
 
 
-def source_of(model_cfg) -> str:
-    if model_cfg.get("source") in ("tiny", "toy", "original"):
-        return model_cfg.source
-    return "path" if model_cfg.get("path") else "hub"
+def source_of(model: ModelSpec) -> str:
+    return ModelSpec.of(model).source
 
 
 def check_local_checkpoint(path: Path) -> None:
@@ -95,24 +96,24 @@ def check_local_checkpoint(path: Path) -> None:
         raise PruneEvalError(f"model.path={path} has a config but no weights (*.safetensors or *.bin)")
 
 
-def check_available(model_cfg) -> None:
+def check_available(model: ModelSpec) -> None:
     """Fail early, naming the checkpoint and how to get it, if it cannot be loaded here."""
-    source = source_of(model_cfg)
-    if source == "tiny":
+    model = ModelSpec.of(model)
+    if model.source == "tiny":
         return
-    if source == "original":
-        original.check_available(model_cfg)
+    if model.source == "original":
+        original.check_available(model)
         return
-    if source in ("path", "toy"):
-        check_local_checkpoint(Path(checkpoint_location(model_cfg)).expanduser())
+    if model.source in ("path", "toy"):
+        check_local_checkpoint(Path(checkpoint_location(model)).expanduser())
         return
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model_cfg.id, "config.json", revision=model_cfg.get("revision"))
-    if not isinstance(cached, str) and not model_cfg.get("allow_download", False):
+    cached = try_to_load_from_cache(model.id, "config.json", revision=model.revision)
+    if not isinstance(cached, str) and not model.allow_download:
         raise PruneEvalError(
-            f"weights for {model_cfg.id} are not in the Hugging Face cache; download them first with "
-            f"`python -m prune_eval.assets weights --model {model_cfg.name}` (or `hf download {model_cfg.id}`), "
+            f"weights for {model.id} are not in the Hugging Face cache; download them first with "
+            f"`python -m prune_eval.assets weights --model {model.name}` (or `hf download {model.id}`), "
             f"or set model.path=/local/dir, or model.allow_download=true to download inside the job"
         )
 
@@ -122,10 +123,9 @@ def quantized_modules(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if type(module).__name__ in ("Linear8bitLt", "Linear4bit")]
 
 
-def _load_pretrained(model_cfg, dtype: torch.dtype, device: torch.device, quantization_config) -> tuple:
-    location = checkpoint_location(model_cfg)
-    local_only = not model_cfg.get("allow_download", False)
-    common = {"revision": model_cfg.get("revision"), "local_files_only": local_only}
+def _load_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device, quantization_config) -> tuple:
+    location = checkpoint_location(spec)
+    common = {"revision": spec.revision, "local_files_only": not spec.allow_download}
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
             location,
@@ -144,13 +144,14 @@ def _load_pretrained(model_cfg, dtype: torch.dtype, device: torch.device, quanti
     return model, tokenizer, image_processor
 
 
-def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_config=None) -> ModelBundle:
-    """Load the checkpoint described by a `model` config group entry."""
+def load(model: ModelSpec, *, dtype: torch.dtype, device: torch.device, quantization_config=None) -> ModelBundle:
+    """Load the checkpoint a ModelSpec (or a `model` config node, converted) describes."""
     started = time.perf_counter()
-    source = source_of(model_cfg)
+    spec = ModelSpec.of(model)
+    source = spec.source
     if source == "tiny":
-        config = tiny.build_config(**dict(model_cfg.get("dims") or {}))
-        model = tiny.build_model(config, init_seed=int(model_cfg.get("init_seed", 0)))
+        config = tiny.build_config(**dict(spec.dims))
+        model = tiny.build_model(config, init_seed=int(spec.init_seed))
         if quantization_config is not None:  # bitsandbytes quantizes while loading: go through disk
             with tempfile.TemporaryDirectory() as folder:
                 model.save_pretrained(folder)
@@ -161,19 +162,19 @@ def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_co
             model = model.to(device=device, dtype=dtype)
         tokenizer, image_processor = tiny.build_tokenizer(), tiny.build_image_processor()
     elif source == "original":
-        model, tokenizer, image_processor, extra = original.load(model_cfg, dtype=dtype, device=device, quantization_config=quantization_config)
+        model, tokenizer, image_processor, extra = original.load(spec, dtype=dtype, device=device, quantization_config=quantization_config)
     else:
-        model, tokenizer, image_processor = _load_pretrained(model_cfg, dtype, device, quantization_config)
+        model, tokenizer, image_processor = _load_pretrained(spec, dtype, device, quantization_config)
     model.eval().requires_grad_(False)
     info = {
-        "name": model_cfg.name,
+        "name": spec.name,
         "source": source,
-        "checkpoint": checkpoint_location(model_cfg) if source != "tiny" else "tiny (random, built in code)",
-        "revision": model_cfg.get("revision"),
+        "checkpoint": checkpoint_location(spec) if source != "tiny" else "tiny (random, built in code)",
+        "revision": spec.revision,
         "commit": getattr(model.config, "_commit_hash", None),
-        "init_seed": model_cfg.get("init_seed") if source == "tiny" else None,
+        "init_seed": spec.init_seed if source == "tiny" else None,
         "load_seconds": round(time.perf_counter() - started, 3),
-        "tokenization": model_cfg.get("tokenization", "hf"),
+        "tokenization": spec.tokenization,
     }
     if source == "original":
         info.update(extra)  # commit, vision tower, weights hashes, the checkpoint's mm_* fields

@@ -46,7 +46,8 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from prune_eval.errors import PruneEvalError
 from prune_eval.models.sentencepiece_llama import SentencePieceLlamaTokenizer
-from prune_eval.records import sha256_file
+from prune_eval.execution.records import sha256_file
+from prune_eval.specs import ModelSpec
 
 # original key prefix -> LlavaForConditionalGeneration (transformers 5) key prefix
 LLAVA_RENAMES = (
@@ -179,54 +180,54 @@ PARTS = {  # part -> (id key, path key, revision key, what)
 }
 
 
-def locate(model_cfg, part: str, *, download: bool = False) -> Located:
+def locate(model: ModelSpec, part: str, *, download: bool = False) -> Located:
     """A local folder for `part` of the model: its configured path, or its hub snapshot in the cache
     (downloaded first when `download`)."""
     from prune_eval.assets import weights
 
     id_key, path_key, revision_key, what = PARTS[part]
-    if model_cfg.get(path_key):
-        path = Path(str(model_cfg[path_key])).expanduser()
+    if getattr(model, path_key):
+        path = Path(str(getattr(model, path_key))).expanduser()
         return Located(str(path), path, None)
-    repo_id, revision = model_cfg.get(id_key), model_cfg.get(revision_key)
+    repo_id, revision = getattr(model, id_key), getattr(model, revision_key)
     if not repo_id:
-        raise PruneEvalError(f"model '{model_cfg.name}' names no {what}: set model.{id_key} (a hub id) or model.{path_key}")
+        raise PruneEvalError(f"model '{model.name}' names no {what}: set model.{id_key} (a hub id) or model.{path_key}")
     snapshot = weights.fetch(repo_id, revision=revision, setting=f"model.{path_key}") if download else weights.cached_snapshot(repo_id, revision)
     if snapshot is None:
         raise PruneEvalError(
             f"weights for {repo_id} are not in the Hugging Face cache; download them first with "
-            f"`python -m prune_eval.assets weights --model {model_cfg.name}`, or set model.{path_key}=/local/dir, "
+            f"`python -m prune_eval.assets weights --model {model.name}`, or set model.{path_key}=/local/dir, "
             f"or model.allow_download=true to download inside the job"
         )
     return Located(repo_id, snapshot.path, snapshot.commit)
 
 
-def check_options(model_cfg) -> None:
-    tokenization = model_cfg.get("tokenization", "llava")
-    if tokenization != "llava":
-        raise PruneEvalError(f"model.tokenization={tokenization} for model '{model_cfg.name}'; the original checkpoint's "
+def check_options(model: ModelSpec) -> None:
+    if model.tokenization != "llava":
+        raise PruneEvalError(f"model.tokenization={model.tokenization} for model '{model.name}'; the original checkpoint's "
                              f"tokenizer has no <image> token, so only LLaVA's own tokenization works: model.tokenization=llava")
 
 
-def _label(model_cfg, part: str, located: Located) -> str:
+def _label(model: ModelSpec, part: str, located: Located) -> str:
     path_key = PARTS[part][1]
-    if model_cfg.get(path_key):
+    if getattr(model, path_key):
         return f"model.{path_key}={located.path}"
     return f"the cached snapshot of {located.where} ({located.path})"
 
 
-def check_available(model_cfg) -> tuple[dict, CLIPVisionConfig]:
+def check_available(model: ModelSpec) -> tuple[dict, CLIPVisionConfig]:
     """Both checkpoints present and of the right kind (no weights read); returns their configs.
-    With model.allow_download=true a missing hub checkpoint is downloaded here, before any job starts."""
-    check_options(model_cfg)
-    download = bool(model_cfg.get("allow_download", False))
-    checkpoint = locate(model_cfg, "checkpoint", download=download)
-    original = check_checkpoint_dir(checkpoint.path, label=_label(model_cfg, "checkpoint", checkpoint))
-    tower = locate(model_cfg, "vision_tower", download=download)
-    vision = check_vision_dir(tower.path, label=_label(model_cfg, "vision_tower", tower))
-    if not model_cfg.get("vision_tower_path") and original.get("mm_vision_tower") not in (None, model_cfg.get("vision_tower")):
+    With model.allow_download=true a missing hub checkpoint is downloaded here, before any job starts.
+    `model`: a ModelSpec (or a `model` config node, converted)."""
+    model = ModelSpec.of(model)
+    check_options(model)
+    checkpoint = locate(model, "checkpoint", download=model.allow_download)
+    original = check_checkpoint_dir(checkpoint.path, label=_label(model, "checkpoint", checkpoint))
+    tower = locate(model, "vision_tower", download=model.allow_download)
+    vision = check_vision_dir(tower.path, label=_label(model, "vision_tower", tower))
+    if not model.vision_tower_path and original.get("mm_vision_tower") not in (None, model.vision_tower):
         raise PruneEvalError(f"{checkpoint.where} was trained with the vision tower {original['mm_vision_tower']} but "
-                             f"model.vision_tower={model_cfg.get('vision_tower')}; set model.vision_tower={original['mm_vision_tower']}")
+                             f"model.vision_tower={model.vision_tower}; set model.vision_tower={original['mm_vision_tower']}")
     return original, vision
 
 
@@ -250,9 +251,9 @@ def llava_config(original: dict, vision: CLIPVisionConfig) -> LlavaConfig:
     )
 
 
-def config_of(model_cfg) -> LlavaConfig:
+def config_of(model: ModelSpec) -> LlavaConfig:
     """The model's LlavaConfig from the two config files alone (validation, geometry)."""
-    return llava_config(*check_available(model_cfg))
+    return llava_config(*check_available(model))
 
 
 def rename(key: str, renames: tuple, ignored: tuple) -> str | None:
@@ -323,10 +324,11 @@ def weights_hash(files: list[Path]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_config=None) -> tuple[Any, Any, Any, dict]:
+def load(model: ModelSpec, *, dtype: torch.dtype, device: torch.device, quantization_config=None) -> tuple[Any, Any, Any, dict]:
     """(model, tokenizer, image processor, info) for an original LLaVA checkpoint + its CLIP tower."""
-    original, vision = check_available(model_cfg)
-    checkpoint, tower = locate(model_cfg, "checkpoint"), locate(model_cfg, "vision_tower")
+    spec = ModelSpec.of(model)
+    original, vision = check_available(spec)
+    checkpoint, tower = locate(spec, "checkpoint"), locate(spec, "vision_tower")
     config = llava_config(original, vision)
     state, ignored = converted_state_dict(checkpoint.path, tower.path, config)
     model = LlavaForConditionalGeneration.from_pretrained(
@@ -348,7 +350,7 @@ def load(model_cfg, *, dtype: torch.dtype, device: torch.device, quantization_co
         "commit": checkpoint.commit,
         "weights": weights_hash(weight_files(checkpoint.path)),
         "vision_tower": tower.where,
-        "vision_tower_revision": model_cfg.get("vision_tower_revision"),
+        "vision_tower_revision": spec.vision_tower_revision,
         "vision_tower_commit": tower.commit,
         "vision_weights": weights_hash(weight_files(tower.path)),
         "checkpoint_config": {k: original.get(k) for k in RECORDED_FIELDS},

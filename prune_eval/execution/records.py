@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_eval import faults
+from prune_eval.execution import faults
 from prune_eval.errors import PruneEvalError
 
 SCHEMA_VERSION = 2
@@ -72,7 +72,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     Whatever happens (a kill, a full disk), `path` holds its old content or the new one, never a
     part of it. A failed write (disk full, no permission) leaves no temporary file behind and is a
     PruneEvalError naming the file. The two halves of `data` are written separately only so that
-    prune_eval.faults can kill the process half-way through, as a test; it costs one write call.
+    prune_eval.execution.faults can kill the process half-way through, as a test; it costs one write call.
     """
     path = Path(path)
     try:
@@ -137,11 +137,14 @@ def part_paths(cell_dir: Path) -> list[Path]:
     return sorted(records_dir(cell_dir).glob(PART_GLOB))
 
 
-def write_part(cell_dir: Path, records: list[dict], numerics: dict | None = None) -> Path:
-    """Append one part after the existing ones; returns its path."""
+def write_part(cell_dir: Path, records: list[dict], numerics: dict | None = None, *, shard: int | None = None) -> Path:
+    """Append one part after the existing ones; returns its path. `numerics` (the runtime settings
+    the records were computed under) go into the part's footer. Processes answering different shards
+    of one cell write at the same time; the shard in the name (`part-00007-s0002.jsonl`) keeps two
+    of them from picking the same file."""
     existing = part_paths(cell_dir)
     index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-    path = records_dir(cell_dir) / f"part-{index:05d}.jsonl"
+    path = records_dir(cell_dir) / (f"part-{index:05d}.jsonl" if shard is None else f"part-{index:05d}-s{shard:04d}.jsonl")
     atomic_write_bytes(path, encode_part(records, numerics))
     return path
 
