@@ -27,7 +27,7 @@ PLAIN_KEY_HELP = {
     "seed": "run seed (random baseline, SparseVLM's clustering); greedy decoding otherwise",
     "name": "sweep name: results go to outputs/<name>/",
     "device": "auto | cpu | cuda | cuda:N",
-    "eval.fast": "the shared-prefix fast path (each image's work once, its questions packed)",
+    "eval.fast": "auto: the shared-prefix fast path on CUDA, the reference path elsewhere; true/false force one",
     "eval.batch_size": "reference path: questions per batch",
     "eval.batch_images": "fast path: images per batch at most",
     "eval.batch_tokens": "fast path: prompt tokens per batch at most",
@@ -35,6 +35,7 @@ PLAIN_KEY_HELP = {
     "eval.max_new_tokens": "answer length limit (128: LLaVA's POPE setting)",
     "eval.stop_when_decided": "stop once '.' or EOS fixes the answer under both parsing rules",
     "eval.part_size": "questions per record part (the most a kill can lose)",
+    "eval.shard_images": "images per shard: the unit in which workers share a large cell",
     "eval.allow_mixed_numerics": "let a resumed cell mix record parts computed under different numerics (recorded)",
 }
 

@@ -3,6 +3,8 @@ every missing input is said once, with the command that fetches it, before anyth
 
 from __future__ import annotations
 
+import re
+
 import json
 from pathlib import Path
 
@@ -26,8 +28,10 @@ def test_the_design_card_command_runs_on_the_toy_as_written(tmp_path) -> None:
     result = run_cli([*DESIGN_CARD, "experiment=demo"], tmp_path, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     cells = complete_cells(tmp_path / "outputs" / "demo")
-    assert sorted({name.split("_seed")[0] for name in cells}) == ["sparsevlm-v1.5-64", "visionzip-64"]
-    assert len(cells) == 10 and all(s["n_questions"] == 24 * 3 * 6 for s in cells.values())
+    assert sorted({re.split("_seed|_anyseed", name)[0] for name in cells}) == ["sparsevlm-v1.5-64", "visionzip-64"]
+    # VisionZip draws no random numbers: one cell serves seeds 0-4; SparseVLM v1.5's recycling noise is seeded
+    assert len(cells) == 6 and all(s["n_questions"] == 24 * 3 * 6 for s in cells.values())
+    assert sum("_anyseed_" in name for name in cells) == 1
     assert (tmp_path / "outputs" / "demo" / "report" / "report.md").is_file()
 
 
@@ -38,7 +42,7 @@ def test_the_design_card_command_on_a_small_toy_sweep(tmp_path) -> None:
                       "eval.max_new_tokens=3"], tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     cells = complete_cells(tmp_path / "outputs" / "demo")
-    assert sorted(name.split("_seed")[0] for name in cells) == ["sparsevlm-v1.5-64", "visionzip-64"]
+    assert sorted(re.split("_seed|_anyseed", name)[0] for name in cells) == ["sparsevlm-v1.5-64", "visionzip-64"]
     for summary in cells.values():
         assert summary["config"]["budget"] == 64
         params = summary["method"]["params"]

@@ -456,6 +456,9 @@ from hydra.plugins.launcher import Launcher
 
 
 class BoomLauncher(Launcher):
+    def __init__(self, **params):  # launch=local's profile passes its settings (progress_s)
+        pass
+
     def setup(self, *, hydra_context, task_function, config):
         pass
 
@@ -468,7 +471,7 @@ def test_a_launcher_that_breaks_still_gets_the_status_table_and_report(tmp_path)
     plugins = tmp_path / "path" / "hydra_plugins"  # Hydra takes launchers from the hydra_plugins namespace only
     plugins.mkdir(parents=True)
     (plugins / "boom_launcher.py").write_text(BOOM_LAUNCHER)
-    result = run_cli(["-m", *FAST_DEMO, "method=vanilla", "seed=0,1", "hydra.launcher._target_=hydra_plugins.boom_launcher.BoomLauncher"],
+    result = run_cli(["-m", *FAST_DEMO, "method=random", "budget=64", "seed=0,1", "hydra.launcher._target_=hydra_plugins.boom_launcher.BoomLauncher"],
                      tmp_path, env={"PYTHONPATH": str(tmp_path / "path")}, timeout=120)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     output = result.stdout + result.stderr

@@ -32,16 +32,18 @@ def planned(*overrides: str):
 
 def test_configured_numerics_name_the_cell() -> None:
     reference, fast = planned("eval.fast=false"), planned("eval.fast=true")
-    assert reference.experiment["numerics"] == {"fast": False, "compile": False, "batch_size": 8}
-    assert fast.experiment["numerics"] == {"fast": True, "compile": False, "batch_images": 64, "batch_tokens": 32768}
-    names = {reference.name, fast.name, planned("eval.batch_size=4").name, planned("eval.fast=true", "eval.batch_images=2").name}
+    assert reference.experiment["numerics"] == {"fast": False, "compile": False, "shard_images": 64, "batch_size": 8}
+    assert fast.experiment["numerics"] == {"fast": True, "compile": False, "shard_images": 64, "batch_images": 64, "batch_tokens": 32768}
+    names = {reference.name, fast.name, planned("eval.fast=false", "eval.batch_size=4").name, planned("eval.fast=true", "eval.batch_images=2").name}
     assert len(names) == 4
     # a batch setting of the other path does not define the result: same cell
     assert planned("eval.fast=true", "eval.batch_size=3").name == fast.name
     # the opt-in for mixing on resume is not part of the identity
-    assert planned("eval.allow_mixed_numerics=true").name == reference.name
+    assert planned("eval.fast=false", "eval.allow_mixed_numerics=true").name == reference.name
     assert numerics_identity({"fast": "auto", "batch_size": 2, "batch_images": 3, "batch_tokens": 4}) == {
-        "fast": "auto", "compile": False, "batch_size": 2, "batch_images": 3, "batch_tokens": 4}
+        "fast": "auto", "compile": False, "shard_images": 64, "batch_size": 2, "batch_images": 3, "batch_tokens": 4}
+    # batches never cross a shard: the shard size is part of the batch composition
+    assert planned("eval.fast=false", "eval.shard_images=2").name != reference.name
 
 
 def test_schema_1_parts_are_still_read(tmp_path) -> None:
@@ -80,7 +82,9 @@ def test_parts_record_runtime_numerics_and_resume_refuses_to_mix(tmp_path) -> No
     assert numerics["path"] == "reference" and numerics["device_type"] == "cpu" and numerics["dtype"] == "float32"
     assert numerics["attention_kernels"] == ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
     summary = json.loads((cell / "summary.json").read_text())
-    assert summary["numerics"] == {"configured": {"fast": False, "compile": False, "batch_size": 6},
+    # eval.fast=auto (the default): both paths' batch settings name the cell; on the CPU it ran the reference path
+    assert summary["numerics"] == {"configured": {"fast": "auto", "compile": False, "shard_images": 64, "batch_size": 6,
+                                                  "batch_images": 64, "batch_tokens": 32768},
                                    "runtime": [{"numerics": numerics, "parts": [p.name for p in parts]}],
                                    "mixed": False, "allow_mixed": False}
 
