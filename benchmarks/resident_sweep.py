@@ -116,8 +116,10 @@ def targets(runs: dict[int, dict]) -> dict:
 
 
 def environment(tiny: bool) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    info = {"date": time.strftime("%Y-%m-%d"), "commit": commit or os.environ.get("PRUNE_EVAL_COMMIT")}
+    # a copied working tree may carry a stale .git: the commit given by whoever copied it wins
+    commit = os.environ.get("PRUNE_EVAL_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                                   text=True, cwd=REPO).stdout.strip()
+    info = {"date": time.strftime("%Y-%m-%d"), "commit": commit}
     if not tiny:
         import torch
 

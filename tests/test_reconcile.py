@@ -249,7 +249,10 @@ def toy_sweep(tmp_path_factory) -> Path:
 
 
 def cell_named(sweep: Path, method: str, seed: int, quant: str, batch_images: int) -> Path:
-    (found,) = [p for p in sweep.iterdir() if (p / "summary.json").exists() and p.name.startswith(f"{method}_seed{seed}_toy-{quant}")
+    """The cell of this configuration that serves `seed` (a method that draws no random numbers has
+    one `anyseed` cell for every seed)."""
+    (found,) = [p for p in sweep.iterdir() if (p / "summary.json").exists()
+                and p.name.startswith((f"{method}_seed{seed}_toy-{quant}", f"{method}_anyseed_toy-{quant}"))
                 and json.loads((p / "cell.json").read_text())["experiment"]["numerics"]["batch_images"] == batch_images]
     return found
 
