@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 import pytest
 import torch
 from conftest import tiny_model_cfg
@@ -10,6 +12,8 @@ from prune_eval.data import images, synthetic
 from prune_eval.execution.engine import EvalSettings, generate_rows, tokenized_prompts, visual_tokens
 from prune_eval.methods import get_method
 from prune_eval.models import loading
+from prune_eval.models import llm
+from prune_eval.models.llm import KVCache, LayerHook, TokenMeta, forward_layers
 from prune_eval.models.prompt import tokenize_prompts, vicuna_v1_prompt
 from prune_eval.models.vision import encode_images
 
@@ -116,3 +120,49 @@ def test_decoder_loop_passes_the_cache_under_the_installed_name_without_a_warnin
         finally:
             KVCache.update = original_update
     assert filled and all(n > 0 for n in filled[-1]), "the decoder layers never wrote the KV cache"
+
+
+class DropLastToken(LayerHook):
+    """Prunes the last token after each of `layers`, with a new TokenMeta every time."""
+
+    def __init__(self, layers: tuple[int, ...]) -> None:
+        self.layers = layers
+
+    def after(self, layer_idx, hidden, positions, meta, cache):
+        if layer_idx not in self.layers:
+            return None
+        return hidden[:, :-1], positions[:, :-1], TokenMeta(meta.slot[:, :-1].clone(), meta.segment[:, :-1].clone())
+
+
+def test_every_layer_gets_the_mask_of_its_own_tokens_after_repeated_pruning(tiny_bundle, monkeypatch) -> None:
+    """forward_layers builds one mask per distinct (keys, queries) pair of TokenMeta objects. Keyed by
+    id() alone, a TokenMeta freed after one pruning could pass its id to the next one and fetch a
+    stale mask of another shape (a torch.compile shape error on the GPU, found by
+    benchmarks/resident_sweep.py). Many prunings, each a fresh TokenMeta: every layer call must get a
+    (B, 1, Q, K) mask for its own queries and the keys it attends to."""
+    lm = tiny_bundle.lm
+    n_layers, width, batch, prefix, text = lm.n_layers, lm.embed_tokens.embedding_dim, 2, 5, lm.n_layers + 4
+    seen: list[tuple[tuple[int, ...], tuple[int, ...] | None, int]] = []
+    for i, layer in enumerate(lm.layers):
+        def checked(hidden, *args, _layer=layer, _i=i, attention_mask=None, **kwargs):
+            cache = kwargs[lm.cache_kwarg]
+            seen.append((tuple(hidden.shape[:2]), None if attention_mask is None else tuple(attention_mask.shape), cache.length[_i]))
+            return _layer(hidden, *args, attention_mask=attention_mask, **kwargs)
+        monkeypatch.setitem(lm.layers._modules, str(i), checked)
+    # CPython hands a dead object's id to a new one; which object gets it depends on the allocator.
+    # The worst case, forced: every TokenMeta has the same id (a lookup by id() would return the first
+    # mask it built for every later layer).
+    monkeypatch.setattr(llm, "id", lambda obj: 0 if isinstance(obj, TokenMeta) else builtins.id(obj), raising=False)
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(3):
+        cache = KVCache(n_layers)
+        meta = TokenMeta(torch.arange(prefix).expand(batch, -1), torch.zeros(batch, prefix, dtype=torch.long))
+        forward_layers(lm, torch.randn(batch, prefix, width, generator=generator), meta.slot.clone(), meta, cache, decoding=False)
+        slots = torch.arange(prefix, prefix + text).expand(batch, -1)
+        questions = TokenMeta(slots.clone(), torch.ones(batch, text, dtype=torch.long))
+        seen.clear()
+        with torch.no_grad():
+            forward_layers(lm, torch.randn(batch, text, width, generator=generator), slots.clone(), questions, cache,
+                           decoding=False, hook=DropLastToken(tuple(range(n_layers))))
+        assert [(hidden, mask) for hidden, mask, _ in seen] == [((batch, text - i), (batch, 1, text - i, prefix + text - i))
+                                                                for i in range(n_layers)], trial

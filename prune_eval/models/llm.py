@@ -234,33 +234,44 @@ def forward_layers(
     when a hook pruned). Running a range lets a caller stop after one layer and continue later,
     e.g. the fast path prefills an image's tokens up to the first pruning layer only.
     """
-    masks: dict[tuple[int, int], torch.Tensor] = {}
-    rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    appended: dict[tuple[int, int], TokenMeta] = {}
+    # Built once per distinct set of tokens, not once per layer. Looked up by object identity, with
+    # the objects kept alive here: keyed by id() alone, a TokenMeta freed after a hook pruned could
+    # hand its id to the next one and fetch a stale mask of another shape (seen as a torch.compile
+    # shape error on the GPU; in eager it would be an SDPA error or, shapes permitting, a wrong mask).
+    appended: list[tuple[TokenMeta, TokenMeta, TokenMeta]] = []  # (cached, new, cached + new)
+    masks: list[tuple[TokenMeta, TokenMeta, torch.Tensor | None]] = []  # (keys, queries, mask)
+    rotary: list[tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]] = []  # (position shift, (cos, sin))
     for layer_idx in layers if layers is not None else range(lm.n_layers):
         layer = lm.layers[layer_idx]
         previous = cache.meta[layer_idx]
         if previous is None:
             keys_meta = meta
         else:
-            if (id(previous), id(meta)) not in appended:  # layers holding the same tokens share one TokenMeta
-                appended[(id(previous), id(meta))] = previous.cat(meta)
-            keys_meta = appended[(id(previous), id(meta))]
+            keys_meta = next((both for old, new, both in appended if old is previous and new is meta), None)
+            if keys_meta is None:  # layers holding the same tokens share one TokenMeta
+                keys_meta = previous.cat(meta)
+                appended.append((previous, meta, keys_meta))
         cache.meta[layer_idx] = keys_meta
-        if (id(keys_meta), id(meta)) not in masks:
+        built = [m for k, q, m in masks if k is keys_meta and q is meta]  # the mask may be None: a list, not next()
+        if built:
+            mask = built[0]
+        else:
             plain = keys_meta is meta and bool((meta.segment == meta.segment[:, :1]).all()) and bool((meta.segment >= 0).all())
             # one segment, no padding, no earlier keys: plain causal attention, which SDPA runs as
             # flash attention when given no mask at all
-            masks[(id(keys_meta), id(meta))] = None if plain else attention_mask(meta, keys_meta)
+            mask = None if plain else attention_mask(meta, keys_meta)
+            masks.append((keys_meta, meta, mask))
         shift = cache.position_shift[layer_idx] if decoding else None
-        if id(shift) not in rotary:  # one (cos, sin) per distinct position set
-            rotary[id(shift)] = lm.rotary_emb(hidden, positions if shift is None else positions - shift)
+        cos_sin = next((cs for s, cs in rotary if s is shift), None)
+        if cos_sin is None:  # one (cos, sin) per distinct position set
+            cos_sin = lm.rotary_emb(hidden, positions if shift is None else positions - shift)
+            rotary.append((shift, cos_sin))
         if hook is not None:
             hook.before(layer_idx, hidden, positions, meta)
         hidden = layer(
             hidden,
-            attention_mask=masks[(id(keys_meta), id(meta))],
-            position_embeddings=rotary[id(shift)],
+            attention_mask=mask,
+            position_embeddings=cos_sin,
             position_ids=positions,
             use_cache=True,
             **{lm.cache_kwarg: cache},
