@@ -46,7 +46,7 @@ class PruneEvalSweeper(Sweeper):
 
     def sweep(self, arguments: list) -> Any:
         from prune_eval.execution import sweep
-        from prune_eval.execution.cell import cell_status
+        from prune_eval.analysis.cellfiles import cell_status  # torch-free: the sweep process never imports torch
         from prune_eval.errors import PruneEvalError, error_text
         from prune_eval.execution.records import atomic_write_bytes
         from prune_eval.overrides import applicable_jobs, check_output_overrides
