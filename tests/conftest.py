@@ -21,20 +21,6 @@ def pytest_configure(config) -> None:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
-# Modules whose tests start, stop or submit to the one-node SLURM test cluster (scripts/slurm-local.sh):
-# one cluster at a time, so under pytest-xdist they all run in one worker, one after another.
-SLURM_MODULES = {"test_slurm_cluster.py", "test_slurm_sweep.py", "test_documented_commands.py"}
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """pytest-xdist (`--dist loadgroup`, pyproject's addopts) keeps a module's tests in one worker, so
-    module-scoped fixtures (a toy sweep, a trained model's answers) are computed once, and all the
-    SLURM modules in one worker."""
-    for item in items:
-        module = item.path.name
-        item.add_marker(pytest.mark.xdist_group("slurm" if module in SLURM_MODULES else module))
-
-
 @pytest.fixture(scope="session")
 def pope_dir() -> Path:
     if not (POPE / "llava-1.5" / "coco_pope_random.json").is_file():

@@ -7,6 +7,7 @@ import shutil
 from collections import Counter, defaultdict
 
 import pytest
+import torch
 
 from prune_eval.data import pope, synthetic
 from prune_eval.errors import PruneEvalError
@@ -106,3 +107,28 @@ def test_synthetic_pope_is_deterministic_and_prefix_stable() -> None:
     image = synthetic.render_image(1, 4)
     assert image.tobytes() == synthetic.render_image(1, 4).tobytes()
     assert image.size[0] != image.size[1]  # non-square, so pad and crop differ
+
+
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_images_preprocessed_in_threads_equal_one_batch_in_order(mode, tmp_path, monkeypatch) -> None:
+    """load_and_preprocess decodes and preprocesses image by image in threads: the same pixels, in
+    the order of the names, as one call over the whole list; a missing file is the loader's error."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from prune_eval.data import images
+
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                      image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    sizes = [(640, 480), (480, 640), (336, 336), (500, 333), (97, 211)] * 3
+    names = []
+    for i, size in enumerate(sizes):
+        synthetic.render_image(3, i).resize(size).save(tmp_path / f"{i}.jpg", quality=90)
+        names.append(f"{i}.jpg")
+    names = names[::-1]  # not in file order
+    load = images.directory_loader(tmp_path)
+    monkeypatch.setattr(images, "IMAGE_THREADS", 3)  # threads also on a 2-core machine
+    threaded = images.load_and_preprocess(names, load, mode, processor)
+    assert torch.equal(threaded, images.preprocess([load(n) for n in names], mode, processor))
+    assert threaded.shape == (len(names), 3, 336, 336)
+    with pytest.raises(PruneEvalError, match="image not found: .*missing.jpg"):
+        images.load_and_preprocess([*names, "missing.jpg"], load, mode, processor)

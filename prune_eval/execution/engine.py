@@ -213,7 +213,7 @@ def evaluate_reference(
         batch = [q for q in full_batch if q.key not in answered]
         if not batch:
             continue
-        pixel_values = image_ops.preprocess([load_image(q.image) for q in batch], preprocess, bundle.image_processor)
+        pixel_values = image_ops.load_and_preprocess([q.image for q in batch], load_image, preprocess, bundle.image_processor)
         visual = visual_tokens(bundle, method, params, pixel_values, [row_seed(seed, q.image) for q in batch])
         hook = None
         if method.make_hook is not None:

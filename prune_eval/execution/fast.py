@@ -328,7 +328,7 @@ def evaluate_fast(
     jobs = [work for work in jobs if work]
 
     def pixels(work: list[ImageWork]) -> torch.Tensor:
-        return image_ops.preprocess([load_image(w.image) for w in work], preprocess, bundle.image_processor)
+        return image_ops.load_and_preprocess([w.image for w in work], load_image, preprocess, bundle.image_processor)
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # decode and resize the next batch's images meanwhile
         upcoming = pool.submit(pixels, jobs[0]) if jobs else None
