@@ -56,7 +56,11 @@ def run_cli(args: list[str], cwd: Path, *, module: str = "prune_eval", timeout: 
 
 
 # Overrides that keep an end-to-end sweep on the tiny random model within seconds on a CPU.
-FAST_DEMO = ["experiment=demo", "data.n_images=3", "eval.max_new_tokens=3", "eval.batch_size=6", "eval.part_size=6"]
+# The demo, small. eval.fast=auto (the default; experiment=demo sets true) runs the reference path on
+# the CPU: batches of eval.batch_size questions, the boundaries the resume, kill and integrity tests use.
+FAST_DEMO = ["experiment=demo", "data.n_images=3", "eval.max_new_tokens=3", "eval.batch_size=6", "eval.part_size=6", "eval.fast=auto"]
+# The same on the fast path (experiment=demo's own choice), for tests that do not need those boundaries.
+FASTPATH_DEMO = [*FAST_DEMO[:-1], "eval.fast=true"]
 
 
 # ------------------------------------------------------------------ the fast path against the reference path

@@ -43,7 +43,7 @@ SWEEP = ["-m", "experiment=demo", "data.n_images=2", "eval.max_new_tokens=3", "e
 QUESTIONS, BATCH, PART, SHARD = 36, 6, 12, 18  # per cell; a shard is one image's 18 questions
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
        "HYDRA_FULL_ERROR": "0"}
-KILLS = int(os.environ.get("PRUNE_EVAL_CAMPAIGN_KILLS", 60))
+KILLS = int(os.environ.get("PRUNE_EVAL_CAMPAIGN_KILLS", 50))  # issue 10: at least 50
 SEED = int(os.environ.get("PRUNE_EVAL_CAMPAIGN_SEED", 20261124))
 LANES = 2  # sweeps killed side by side (CI has 2 cores; each sweep uses one)
 RANDOM_SHARE = 0.3

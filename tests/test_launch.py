@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST_DEMO, run_cli
+from conftest import FAST_DEMO, FASTPATH_DEMO, run_cli
 
 from prune_eval.errors import PruneEvalError
 from prune_eval.execution import checks, events, local, records, slurm, sweep
@@ -405,7 +405,7 @@ def test_a_refused_launch_leaves_plan_json_untouched_also_when_every_cell_is_com
 def test_local_gpus_sweep_runs_one_cell_per_gpu_and_skips_the_busy_one(tmp_path) -> None:
     env = fake_nvidia_smi(tmp_path)
     env["CUDA_VISIBLE_DEVICES"] = "0,1,2"
-    result = run_cli(["-m", *FAST_DEMO, "launch=local-gpus", "method=random", "budget=64", "seed=0,1,2,3", "launch.progress_s=2"],
+    result = run_cli(["-m", *FASTPATH_DEMO, "launch=local-gpus", "method=random", "budget=64", "seed=0,1,2,3", "launch.progress_s=2"],
                      tmp_path, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "launching 4 cell(s) on GPU(s) 0, 1, 2" in result.stdout
@@ -428,7 +428,7 @@ def test_local_gpus_sweep_runs_one_cell_per_gpu_and_skips_the_busy_one(tmp_path)
     for worker in workers:  # resident: each worker loaded the model for its first cell only
         assert sum(load_s > 0 for *_, job_id, load_s in runs if job_id == worker) == 1, runs
     assert len(workers) == 2 and "resident worker per GPU" in result.stdout
-    rerun = run_cli(["-m", *FAST_DEMO, "launch=local-gpus", "method=random", "budget=64", "seed=0,1,2,3"], tmp_path, env=env, timeout=120)
+    rerun = run_cli(["-m", *FASTPATH_DEMO, "launch=local-gpus", "method=random", "budget=64", "seed=0,1,2,3"], tmp_path, env=env, timeout=120)
     assert rerun.returncode == 0 and "4 were already complete" in rerun.stdout and "launching 4" not in rerun.stdout
 
 

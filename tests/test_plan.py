@@ -73,7 +73,9 @@ def test_eval_fast_auto_means_the_fast_path_on_cuda_only() -> None:
     auto = EvalSpec(fast="auto")
     assert auto.fast_on("cuda") and not auto.fast_on("cpu")
     assert EvalSpec(fast=False).fast_on("cuda") is False and EvalSpec(fast=True).fast_on("cpu") is True
-    assert cell_of("vanilla").eval.fast == "auto"  # the default
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        assert compose(config_name="config").eval.fast == "auto"  # the default
+    assert cell_of("vanilla").eval.fast is True  # experiment=demo's own choice (the CPU demo runs the fast path)
     with pytest.raises(PruneEvalError, match=r"eval.fast=sometimes; allowed: true, false, auto"):
         cell_of("vanilla", "eval.fast=sometimes")
     with pytest.raises(PruneEvalError, match=r"eval.compile=auto; allowed: true, false$"):

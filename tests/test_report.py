@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_DEMO, POPE, REFERENCE_ANSWERS, run_cli
+from conftest import FAST_DEMO, FASTPATH_DEMO, POPE, REFERENCE_ANSWERS, run_cli
 
 from prune_eval.execution import records
 from prune_eval.analysis import cellfiles, metrics, published, report, stats
@@ -525,7 +525,7 @@ def test_explicit_pair_across_question_files_is_not_comparable(tmp_path) -> None
 # The real sweep, then half of it broken
 @pytest.mark.slow
 def test_demo_sweep_report_and_half_finished_sweep(tmp_path) -> None:
-    result = run_cli(["-m", *FAST_DEMO, "method=vanilla,visionzip,random", "budget=64", "seed=0,1"], tmp_path)
+    result = run_cli(["-m", *FASTPATH_DEMO, "method=vanilla,visionzip,random", "budget=64", "seed=0,1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "outputs" / "demo"
     assert "report: outputs/demo/report/report.md" in result.stdout  # written by the sweep itself

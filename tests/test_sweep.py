@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST_DEMO, run_cli
+from conftest import FAST_DEMO, FASTPATH_DEMO, run_cli
 from PIL import Image
 
 from prune_eval.execution import records
@@ -54,7 +54,7 @@ def test_demo_sweep_writes_records_for_every_cell_and_resumes(tmp_path) -> None:
 
 
 def test_equivalent_jobs_share_one_cell(tmp_path) -> None:
-    result = run_cli(["-m", *FAST_DEMO, "method=vanilla", "budget=64,128"], tmp_path)
+    result = run_cli(["-m", *FASTPATH_DEMO, "method=vanilla", "budget=64,128"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(cells(tmp_path / "outputs" / "demo")) == 1
     assert "1 job(s) shared a cell with an equivalent configuration" in result.stdout
@@ -127,7 +127,7 @@ def test_a_failing_cell_records_its_error_and_the_others_go_on(tmp_path) -> None
 def test_method_sweep_seeds_and_shared_cells(tmp_path) -> None:
     """Random uses the seed, VisionZip and vanilla do not (one cell serves both seeds), vanilla ignores
     the budget; the 7 cells of 12 jobs load the model once (launch=local: one resident model)."""
-    result = run_cli(["-m", *FAST_DEMO, "method=vanilla,visionzip,random", "budget=64,128", "seed=0,1"], tmp_path)
+    result = run_cli(["-m", *FASTPATH_DEMO, "method=vanilla,visionzip,random", "budget=64,128", "seed=0,1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "outputs" / "demo"
     found = {c.name: c for c in cells(sweep)}
@@ -159,7 +159,7 @@ def test_method_sweep_seeds_and_shared_cells(tmp_path) -> None:
 
 
 def test_sparsevlm_versions_sweep(tmp_path) -> None:
-    result = run_cli(["-m", *FAST_DEMO, "method=sparsevlm", "method.version=v1,v1.5,v2", "budget=64,128"], tmp_path)
+    result = run_cli(["-m", *FASTPATH_DEMO, "method=sparsevlm", "method.version=v1,v1.5,v2", "budget=64,128"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     found = cells(tmp_path / "outputs" / "demo")
     assert len(found) == 6
