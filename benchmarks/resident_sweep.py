@@ -46,7 +46,7 @@ def prepare(args) -> list[str]:
     """The checkpoint, images and overrides for the model and data (created when missing)."""
     if args.tiny:
         return ["model=tiny", "quant=fp32", "data=pope-synthetic", f"data.n_images={args.tiny_images}", "device=cpu",
-                "eval.batch_size=6", "eval.shard_images=1"]
+                "eval.fast=true", "eval.shard_images=1"]
     if not (args.checkpoint / "config.json").is_file():
         run([sys.executable, "benchmarks/quant_load.py", "save", "--out", str(args.checkpoint)])
     if not args.images.is_dir():

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST_DEMO, run_cli
+from conftest import FAST_DEMO, FASTPATH_DEMO, run_cli
 
 # Plain module beside this file; the fixture is module-scoped (one cluster for this module).
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
@@ -69,7 +69,7 @@ def test_slurm_sweep_packs_cells_into_a_task_with_one_model_load_and_a_rerun_sub
     """Six jobs, four cells (VisionZip has one cell for all seeds); the toy's cells are far
     cheaper than a task's start, so launch.cells_per_task=auto packs them into one task, which
     loads the model once."""
-    args = ["-m", *FAST_DEMO, "method=random,visionzip", "budget=64", "seed=0,1,2", *slurm_args(slurm_cluster)]
+    args = ["-m", *FASTPATH_DEMO, "method=random,visionzip", "budget=64", "seed=0,1,2", *slurm_args(slurm_cluster)]
     result = run_cli(args, tmp_path, env=cli_env(slurm_cluster), timeout=360)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + slurm_cluster.log_tail()
     assert "submitted 4 cell(s) as SLURM job" in result.stdout and "in 1 task(s) of up to 4 cells, one resident model each" in result.stdout
