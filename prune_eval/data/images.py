@@ -12,6 +12,7 @@ did the work is recorded in every cell summary.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,6 @@ def leave_for_centre_crop(image: Image.Image, image_processor) -> Image.Image:
     return image  # the processor's resize + centre crop does the rest
 
 
-_threads: list[ThreadPoolExecutor] = []  # one pool per process, made on first use
 # half the cores, at most 8: the rest is left to torch and to the pipeline around it; 1 on a 2-core machine
 IMAGE_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 
@@ -65,15 +65,19 @@ def load_and_preprocess(names: Sequence[str], load_image: ImageLoader, mode: str
     """(N, 3, H, W) float32 pixel values of the named images, decoded and preprocessed in
     IMAGE_THREADS threads, one image each (JPEG decoding, PIL's resize and numpy's arithmetic release
     the GIL). Equal to `preprocess([load_image(n) for n in names], ...)`: the processor works image by
-    image. Why: a POPE cell's 500 images took ~13 ms each on one thread of an H200 host, half of a
-    VisionZip@64 cell's time on the GPU (BENCHMARKS.md, resident workers). Raises what `load_image`
+    image. Why: on one thread the images were a third of a VisionZip@64 POPE cell's time on an H200
+    (12.9 s for the cell, 8.6 s with the threads; BENCHMARKS.md, resident workers). Raises what `load_image`
     raises (PruneEvalError for a missing or undecodable file)."""
     if IMAGE_THREADS == 1 or len(names) < 2:
         return preprocess([load_image(n) for n in names], mode, image_processor)
-    if not _threads:
-        _threads.append(ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="prune-eval-images"))
     one = lambda name: preprocess([load_image(name)], mode, image_processor)  # noqa: E731
-    return torch.cat(list(_threads[0].map(one, names)))
+    return torch.cat(list(_image_threads(IMAGE_THREADS).map(one, names)))
+
+
+@functools.cache
+def _image_threads(n: int) -> ThreadPoolExecutor:
+    """One pool per process (and thread count), made on first use."""
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="prune-eval-images")
 
 
 def preprocess(images: Sequence[Image.Image], mode: str, image_processor) -> torch.Tensor:
