@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import FASTPATH_DEMO, run_cli
 from test_report import experiment_of, pope_questions, read_csv, simulate, write_cell
 
 from prune_eval.execution import records
@@ -124,3 +125,30 @@ def test_published_fastv_rows_and_their_sources() -> None:
     a, b = published.published_pair("visionzip", "sparsevlm", 64)
     assert (b.version, b.value) == ("v1", 75.1)
     assert published.versions_published("sparsevlm") == ["v1", "v1.5"]
+
+
+@pytest.mark.slow
+def test_a_toy_sweep_of_five_methods_renders_agreement_and_subset_from_its_records(tmp_path) -> None:
+    """Issue 22's check through the real CLI: `method=vanilla,downsample,visionzip,sparsevlm,fastv
+    budget=64` on the toy; agreement and subset rows equal a direct computation from the records."""
+    done = run_cli(["-m", *FASTPATH_DEMO, "method=vanilla,downsample,visionzip,sparsevlm,fastv", "budget=64"], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "demo"
+    cell = {p.name.split("_")[0]: p for p in sweep.iterdir() if (p / "summary.json").exists()}
+    assert set(cell) == {"vanilla-576", "downsample-64", "visionzip-64", "sparsevlm-v1.5-64", "fastv-64"}
+    analysed = analyse.analyse(sweep, n_resamples=RESAMPLES, seed=0)
+    vanilla, label, _ = predictions(cell["vanilla-576"])
+    down, _, _ = predictions(cell["downsample-64"])
+    mask = (vanilla == label) & (down != label)
+    assert mask.sum() > 0, "the toy's downsample baseline gets no vanilla-correct question wrong: no subset to test"
+    assert set(analysed.agreements) == {cell[m].name for m in ("downsample-64", "visionzip-64", "sparsevlm-v1.5-64", "fastv-64")}
+    for method in ("downsample-64", "visionzip-64", "sparsevlm-v1.5-64", "fastv-64"):
+        mine, _, _ = predictions(cell[method])
+        g, s = analysed.agreements[cell[method].name], analysed.subsets[cell[method].name]
+        assert g.vanilla_cell == cell["vanilla-576"].name and g.n_questions == len(label)
+        assert (g.equal.estimate, g.right_to_wrong.estimate, g.wrong_to_right.estimate) == pytest.approx(
+            ((mine == vanilla).mean(), ((vanilla == label) & (mine != label)).mean(), ((vanilla != label) & (mine == label)).mean()))
+        assert s.downsample_cell == cell["downsample-64"].name and s.n_questions == mask.sum()
+        assert s.accuracy.estimate == pytest.approx((mine[mask] == label[mask]).mean())
+    md = (sweep / "report" / "report.md").read_text()
+    assert "### Agreement with vanilla" in md and "### Compression-sensitive subset" in md
