@@ -2,31 +2,19 @@
 
 Why: `prune_eval.ingest --model ... --method ... --quant ... --preprocess ...` must accept exactly
 what a sweep accepts (conf/model, conf/method, conf/quant, conf/preprocess: one YAML per choice,
-whose `name:` is its registry name) and refuse anything else in one line with the choices, while the
+whose file name is its registry name) and refuse anything else in one line with the choices, while the
 analysis side stays torch-free (the method registry imports torch). tests/test_ingest_metadata.py
 checks these lists against the registries themselves.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 from prune_eval.analysis.published import normalize_version
+from prune_eval.config import group_choices  # torch-free: the names of conf/<group>/*.yaml
 from prune_eval.errors import PruneEvalError, unknown_choice
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The methods with algorithm versions (prune_eval.methods.sparsevlm.VERSIONS; a test keeps them equal).
 METHOD_VERSIONS = {"sparsevlm": ("v1", "v1.5", "v2")}
-
-
-def group_choices(group: str) -> list[str]:
-    """The `name:` of every conf/<group>/*.yaml (the registry names), sorted."""
-    names = []
-    for path in sorted((CONF_DIR / group).glob("*.yaml")):
-        match = re.search(r"^name:\s*['\"]?([^'\"#\s]+)", path.read_text(), flags=re.MULTILINE)
-        names.append(match.group(1) if match else path.stem)
-    return sorted(names)
 
 
 def check_choice(group: str, value: str | None) -> str | None:

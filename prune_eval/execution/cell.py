@@ -199,10 +199,11 @@ def check_numerics(cell_dir: Path, numerics: dict, *, allow_mixed: bool) -> None
                          "recompute it here, or set eval.allow_mixed_numerics=true (recorded in summary.json)")
 
 
-def numerics_summary(cell_dir: Path, configured: dict | None, allow_mixed: bool) -> dict:
-    """For summary.json: the configured numerics, each distinct runtime numerics with its parts."""
+def numerics_summary(part_numerics: dict[str, dict], configured: dict | None, allow_mixed: bool) -> dict:
+    """For summary.json: the configured numerics, each distinct runtime numerics with its parts
+    (`part_numerics`: part file name -> its footer's numerics, as CellRecords.numerics)."""
     groups: list[dict] = []
-    for name, found in sorted(records.read_records(cell_dir).numerics.items()):
+    for name, found in sorted(part_numerics.items()):
         group = next((g for g in groups if g["numerics"] == found), None)
         if group is None:
             groups.append(group := {"numerics": found, "parts": []})
@@ -394,7 +395,7 @@ def write_summary(spec: CellSpec, cell_dir: Path, dataset: Dataset, model_info: 
         "metrics": metrics.record_metrics(verified.records, list(spec.experiment["data"]["splits"])),
         "raw_answer": records.RAW_ANSWER_DECODED,
         "compute": summarize_compute(verified.records, hidden=spec.geometry.text_hidden, intermediate=spec.geometry.text_intermediate),
-        "numerics": numerics_summary(cell_dir, spec.experiment.get("numerics"), spec.eval.allow_mixed_numerics),
+        "numerics": numerics_summary(verified.numerics, spec.experiment.get("numerics"), spec.eval.allow_mixed_numerics),
         "timing": {**events.timing(cell_dir), "shards": n_shards},
         "n_questions": len(verified.records),
         "records": [{"file": p.name, "sha256": records.sha256_file(p)} for p in records.part_paths(cell_dir)],

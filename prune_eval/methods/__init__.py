@@ -83,6 +83,25 @@ class Method:
         return bool(self.uses_seed(params) if callable(self.uses_seed) else self.uses_seed)
 
 
+# LLM layer indices published for LLaVA-1.5-7B's 32-layer Vicuna, mapped onto other LLMs (`method.layer_rule`)
+OFFICIAL_LLM_LAYERS = 32
+LAYER_RULES = ("auto", "official", "scaled")
+
+
+def map_layers(layers: tuple[int, ...], n_layers: int, rule: str) -> tuple[str, tuple[int, ...]]:
+    """The layer rule shared by SparseVLM and FastV: `official` keeps the published indices, `scaled`
+    maps each to floor(l * n_layers / 32), `auto` is official where every index exists in an
+    `n_layers`-layer LLM, else scaled. Returns (the rule applied, the layers); the caller checks that
+    they are usable. Raises PruneEvalError for an unknown rule."""
+    from prune_eval.errors import PruneEvalError
+
+    if rule not in LAYER_RULES:
+        raise PruneEvalError(f"method.layer_rule={rule}; choices: {', '.join(LAYER_RULES)}")
+    if rule == "auto":
+        rule = "official" if max(layers) < n_layers else "scaled"
+    return rule, layers if rule == "official" else tuple(l * n_layers // OFFICIAL_LLM_LAYERS for l in layers)
+
+
 METHODS: Registry[Method] = Registry("method")
 
 

@@ -77,14 +77,12 @@ from typing import Any
 import torch
 
 from prune_eval.errors import PruneEvalError
-from prune_eval.methods import Method, ModelGeometry, drop_cls, register
+from prune_eval.methods import Method, ModelGeometry, drop_cls, map_layers, register
 from prune_eval.models.blocks import PruningView, QuestionInputs, VisualSelection
 from prune_eval.models.llm import KVCache, LanguageModel, LayerHook, TokenMeta, attention_mask, attention_probabilities
 
-OFFICIAL_LAYERS = 32  # LLaVA-1.5-7B (Vicuna-7B), where K = 2 was set
 DEFAULT_K = 2
 K_SOURCE = "FastV d165972 scripts src/FastV/inference/eval/*.sh (Ks=(2)), README K=2 rows"
-LAYER_RULES = ("auto", "official", "scaled")
 BUDGET_RULES = ("kept", "layer_average")
 
 
@@ -110,12 +108,7 @@ def resolve(params: dict[str, Any], budget: int, geometry: ModelGeometry) -> dic
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise PruneEvalError(f"method.k={k}; FastV's K is the number of layers that see every visual token, a whole number >= 1")
     n_layers, n_patches = geometry.text_layers, geometry.n_patches
-    rule = params.get("layer_rule") or "auto"
-    if rule not in LAYER_RULES:
-        raise PruneEvalError(f"method.layer_rule={rule}; choices: {', '.join(LAYER_RULES)}")
-    if rule == "auto":
-        rule = "official" if k < n_layers else "scaled"
-    layer = k if rule == "official" else k * n_layers // OFFICIAL_LAYERS
+    rule, (layer,) = map_layers((k,), n_layers, params.get("layer_rule") or "auto")  # K = 2 was set on the 32-layer LLM
     if not 1 <= layer < n_layers:
         raise PruneEvalError(
             f"FastV K={k} with the {rule} rule is {layer} on a {n_layers}-layer LLM; it must be in 1..{n_layers - 1} "

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 
 from prune_eval.errors import PruneEvalError
-from prune_eval.methods import Method, ModelGeometry, register
+from prune_eval.methods import Method, ModelGeometry, map_layers, register
 from prune_eval.models.blocks import PruningView, QuestionInputs, VisualSelection
 from prune_eval.models.llm import KVCache, LanguageModel, LayerHook, TokenMeta, attention_probabilities, rotate_half
 
-OFFICIAL_LAYERS = 32  # LLaVA-1.5-7B (Vicuna-7B); the official code uses these absolute indices
+OFFICIAL_HEADS = 32  # LLaVA-1.5-7B (Vicuna-7B) attention heads per layer, for which the priority-head counts were set
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,6 @@ V1_SCALE_BIAS = {
     192: (13.5, 0.0, "MME / code default: scripts/v1_5/eval/mme.sh @ 91fb6d9 (no official POPE value)"),
     64: (0.8, 0.0, "TextVQA: scripts/v1_5/eval/textvqa.sh @ 91fb6d9 (no official POPE value)"),
 }
-LAYER_RULES = ("auto", "official", "scaled")
 
 
 # ---------------------------------------------------------------- pure token-selection functions
@@ -275,22 +274,12 @@ def noise_stream(seeds: Sequence[int], length: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- configuration
-def scaled_layers(layers: tuple[int, ...], n_layers: int) -> tuple[int, ...]:
-    """The layer rule for models other than the 32-layer LLM: floor(l * n_layers / 32)."""
-    return tuple(l * n_layers // OFFICIAL_LAYERS for l in layers)
-
-
 def resolve(params: dict[str, Any], budget: int, geometry: ModelGeometry) -> dict[str, Any]:
     version_name = str(params.get("version", "v1.5"))
     if version_name not in VERSIONS:
         raise PruneEvalError(f"unknown SparseVLM version '{version_name}'; choices: {', '.join(VERSIONS)}")
     version = VERSIONS[version_name]
-    rule = params.get("layer_rule", "auto")
-    if rule not in LAYER_RULES:
-        raise PruneEvalError(f"method.layer_rule={rule}; choices: {', '.join(LAYER_RULES)}")
-    if rule == "auto":
-        rule = "official" if geometry.text_layers > max(version.layers) else "scaled"
-    layers = version.layers if rule == "official" else scaled_layers(version.layers, geometry.text_layers)
+    rule, layers = map_layers(version.layers, geometry.text_layers, params.get("layer_rule", "auto"))
     if max(layers) >= geometry.text_layers or any(b <= a for a, b in zip(layers, layers[1:])):
         raise PruneEvalError(
             f"SparseVLM {version_name} prunes after layers {list(version.layers)}; with the {rule} rule on a "
@@ -322,7 +311,7 @@ def resolve(params: dict[str, Any], budget: int, geometry: ModelGeometry) -> dic
             raise PruneEvalError(f"SparseVLM {version_name} has no schedule for budget={budget}; available budgets: {', '.join(map(str, sorted(version.schedules)))}")
         resolved["schedule"] = list(version.schedules[budget])
     if version.priority_heads:
-        heads = version.priority_heads if geometry.text_heads >= version.priority_heads else max(1, round(geometry.text_heads * version.priority_heads / OFFICIAL_LAYERS))
+        heads = version.priority_heads if geometry.text_heads >= version.priority_heads else max(1, round(geometry.text_heads * version.priority_heads / OFFICIAL_HEADS))
         resolved["priority_heads"] = heads
     return resolved
 

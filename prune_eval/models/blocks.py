@@ -218,7 +218,7 @@ class QuestionBlocks(LayerHook):
         self.layer_input: torch.Tensor | None = None
         self.visual_per_layer: list[list[int]] = []  # per layer, per question: visual tokens it processed
         self.processed: list[tuple[int, int, int]] = []  # per layer: rows, row width, keys per row
-        self.kept: dict[int, tuple[torch.Tensor, list[int], torch.Tensor | None]] = {}  # layer -> (kept (N, V), n_extra, extra)
+        self.kept: dict[int, tuple[torch.Tensor, list[int]]] = {}  # layer -> (kept (N, V), n_extra), for kept_sets
 
     def start(self, text_embeddings: torch.Tensor, visual: torch.Tensor, seeds: list[int]) -> None:
         """text_embeddings (G, W, D) of the packed text rows, visual (G, V, D): the pruner's inputs."""
@@ -296,7 +296,7 @@ class QuestionBlocks(LayerHook):
         source = self.image[owner] * hidden.shape[1] + self.text_row[owner, j]
         place(owner, n_kept[owner] + n_extra[owner] + j, hidden.reshape(-1, dim)[source], lambda: positions.reshape(-1)[source])
 
-        self.kept[layer_idx] = (kept, n_extra_host, selection.extra)
+        self.kept[layer_idx] = (kept, n_extra_host)
         self.n_visual = [k + e for k, e in zip(n_kept_host, n_extra_host)]
         self.n_visual_t = n_kept + n_extra
         self.visual_row = (offset[:, None] + torch.arange(max(self.n_visual), device=device)).clamp(max=width - 1)
@@ -322,7 +322,7 @@ class QuestionBlocks(LayerHook):
         """Per question: pruning layer -> (kept visual tokens, as indices into that layer's visual
         tokens, and the number of tokens added after them). For tests and inspection (host copies)."""
         out: list[dict[int, tuple[list[int], int]]] = [{} for _ in self.text_length]
-        for layer_idx, (kept, n_extra, _) in self.kept.items():
+        for layer_idx, (kept, n_extra) in self.kept.items():
             for q, (row, extra) in enumerate(zip(kept.cpu(), n_extra)):
                 out[q][layer_idx] = (row.nonzero()[:, 0].tolist(), extra)
         return out
