@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def read_summary(cell_dir: Path) -> dict | None:
     return summary if isinstance(summary, dict) and summary.get("status") == "complete" else None
 
 
+HANDOVER_S = 0.06  # > prune_eval.execution.cell.LOCK_RETRY_S (0.025 s): a lock handover's longest gap
+
+
 def cell_status(cell_dir: Path) -> str:
     """One of STATUSES. A complete summary wins; then a held lock, an error file, records so far."""
     cell_dir = Path(cell_dir)
@@ -61,7 +65,13 @@ def cell_status(cell_dir: Path) -> str:
     if (cell_dir / ERROR).exists():
         return "failed"
     if records.part_paths(cell_dir):
-        return "partial"
+        # A process finishing a cell changes its lock from shared to exclusive, which is not atomic
+        # (flock(2)), and retries every 25 ms when a probe like this one held the lock: for that long the
+        # cell can look unlocked and without a summary. Look once more after such a retry.
+        time.sleep(HANDOVER_S)
+        if read_summary(cell_dir) is not None:
+            return "complete"
+        return "busy" if is_locked(cell_dir) else "partial"
     return "missing"
 
 
