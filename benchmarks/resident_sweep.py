@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,12 @@ def prepare(args) -> list[str]:
             f"data.image_dir={args.images}", "device=cuda"]
 
 
+def stamp() -> str:
+    """Wall-clock time as the sweep's and workers' log lines print it (to line the three logs up)."""
+    now = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+
+
 def summaries(sweep_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))]
 
@@ -71,15 +78,21 @@ def measure(args, base: list[str], gpus: int) -> dict:
     if args.tiny:
         env.update(CUDA_VISIBLE_DEVICES=",".join(map(str, range(max(args.gpus)))), OMP_NUM_THREADS="1")
     ids = ",".join(map(str, range(gpus)))
-    command = [sys.executable, "-m", "prune_eval", "-m", *base, *args.sweep, f"eval.max_new_tokens={args.new_tokens}",
+    profile = ["-m", "cProfile", "-o", str(args.out / f"{name}.prof")] if args.profile else []
+    command = [sys.executable, *profile, "-m", "prune_eval", "-m", *base, *args.sweep, f"eval.max_new_tokens={args.new_tokens}",
                f"eval.compile={'true' if args.compile else 'false'}", "launch=local-gpus", f"launch.gpus=[{ids}]",
                *(["launch.skip_busy=false"] if args.tiny else []), "launch.progress_s=30", f"name={name}",
                f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.report=false"]  # the report is not part of the sweep's work
     log = args.out / f"{name}.log"
     started = time.perf_counter()
     with open(log, "w") as out:
+        out.write(f"[{stamp()}] benchmark: sweep process started\n")
+        out.flush()
         code = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        out.write(f"[{stamp()}] benchmark: sweep process ended (exit {code})\n")
     wall = time.perf_counter() - started
+    for worker_log in sweep_dir.glob(".submitit/*/*_log.out"):  # the workers' timestamped logs, next to the sweep's
+        shutil.copy(worker_log, args.out / f"{name}-{worker_log.name}")
     cells = summaries(sweep_dir)
     if code != 0 or not cells:
         raise SystemExit(f"the {gpus}-GPU sweep failed (exit {code}); see {log}")
@@ -137,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eval.compile=false")
     parser.add_argument("--warm-compile-cache", action="store_true", help="share TorchInductor's cache between runs")
+    parser.add_argument("--profile", action="store_true", help="run the sweep process under cProfile (OUT/resident-<n>gpu.prof)")
     parser.add_argument("--sweep", nargs="*", default=SWEEP, help="the swept overrides (default: the design card's)")
     parser.add_argument("--tiny", action="store_true", help="CPU check of the script: tiny model, synthetic POPE, fake GPU ids")
     parser.add_argument("--tiny-images", type=int, default=4)

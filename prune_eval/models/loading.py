@@ -14,17 +14,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoTokenizer, LlavaForConditionalGeneration
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import ModelGeometry
 from prune_eval.models import original, tiny
 from prune_eval.models.llm import LanguageModel
 from prune_eval.specs import ModelSpec
+
+if TYPE_CHECKING:  # the modeling code is imported where a model is loaded: planning a sweep needs only configs
+    from transformers import LlavaForConditionalGeneration
 
 SOURCES = ("hub", "path", "tiny", "toy", "original")  # original: LLaVA's own layout (models/original.py)
 TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"  # trained by python -m prune_eval.toy train
@@ -124,6 +125,9 @@ def quantized_modules(model: torch.nn.Module) -> list[str]:
 
 
 def _load_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device, quantization_config) -> tuple:
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     location = checkpoint_location(spec)
     common = {"revision": spec.revision, "local_files_only": not spec.allow_download}
     try:
@@ -153,6 +157,8 @@ def load(model: ModelSpec, *, dtype: torch.dtype, device: torch.device, quantiza
         config = tiny.build_config(**dict(spec.dims))
         model = tiny.build_model(config, init_seed=int(spec.init_seed))
         if quantization_config is not None:  # bitsandbytes quantizes while loading: go through disk
+            from transformers import LlavaForConditionalGeneration
+
             with tempfile.TemporaryDirectory() as folder:
                 model.save_pretrained(folder)
                 model = LlavaForConditionalGeneration.from_pretrained(

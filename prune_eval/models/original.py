@@ -41,8 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # configs only: the modeling code is imported to load
 
 from prune_eval.errors import PruneEvalError
 from prune_eval.models.sentencepiece_llama import SentencePieceLlamaTokenizer
@@ -291,6 +290,8 @@ def converted_state_dict(checkpoint: Path, tower: Path, config: LlavaConfig) -> 
                 ignored += 1
             else:
                 state[new] = tensor
+    from transformers import LlavaForConditionalGeneration
+
     with torch.device("meta"):
         expected = {k: v.shape for k, v in LlavaForConditionalGeneration(config).state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -326,6 +327,9 @@ def weights_hash(files: list[Path]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 def load(model: ModelSpec, *, dtype: torch.dtype, device: torch.device, quantization_config=None) -> tuple[Any, Any, Any, dict]:
     """(model, tokenizer, image processor, info) for an original LLaVA checkpoint + its CLIP tower."""
+    from transformers import LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     spec = ModelSpec.of(model)
     original, vision = check_available(spec)
     checkpoint, tower = locate(spec, "checkpoint"), locate(spec, "vision_tower")

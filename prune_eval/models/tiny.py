@@ -10,18 +10,22 @@ Facts: ../shared/notes/hf-llava.md ("Tiny offline LLaVA for tests").
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
-    LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from prune_eval.data.synthetic import COLORS, SHAPES
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 TEMPLATE_WORDS = (
@@ -141,6 +145,8 @@ def llava15_shapes(*, text_layers: int = 32, vision_layers: int = 24) -> LlavaCo
 
 def build_model(config: LlavaConfig, *, init_seed: int = 0) -> LlavaForConditionalGeneration:
     """Random weights, deterministic given `init_seed` (and independent of the global RNG state)."""
+    from transformers import LlavaForConditionalGeneration
+
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(init_seed)
