@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -88,7 +89,7 @@ def build_bundle(args) -> loading.ModelBundle:
     config = tiny.build_config(text_layers=8) if args.tiny else tiny.llava15_shapes()
     torch.manual_seed(0)
     with torch.device(device):
-        model = tiny.LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     return loading.make_bundle(model, tiny.build_tokenizer(), tiny.build_image_processor(), dtype=dtype, device=device,
                                info={"checkpoint": "random weights, LLaVA-1.5-7B shapes" if not args.tiny else "tiny"})

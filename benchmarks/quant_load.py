@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LlavaForConditionalGeneration
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,7 +39,7 @@ from prune_eval.models.quant import check_backend, precision_of  # noqa: E402
 def save(out: Path) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = tiny.LlavaForConditionalGeneration._from_config(tiny.llava15_shapes(), dtype=torch.float16)
+        model = LlavaForConditionalGeneration._from_config(tiny.llava15_shapes(), dtype=torch.float16)
     started = time.perf_counter()
     model.save_pretrained(out)
     tiny.build_tokenizer().save_pretrained(out)
