@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -428,6 +429,9 @@ def test_local_gpus_sweep_runs_one_cell_per_gpu_and_skips_the_busy_one(tmp_path)
     for worker in workers:  # resident: each worker loaded the model for its first cell only
         assert sum(load_s > 0 for *_, job_id, load_s in runs if job_id == worker) == 1, runs
     assert len(workers) == 2 and "resident worker per GPU" in result.stdout
+    worker_logs = list(sweep.glob(".submitit/local-*/local-*_log.out"))  # both started while the sweep was planned
+    assert len(worker_logs) == 2 and all("worker started before the sweep was planned" in p.read_text() for p in worker_logs)
+    assert not list(Path(tempfile.gettempdir()).glob("prune-eval-worker-gpu*"))  # their early logs moved, none left
     rerun = run_cli(["-m", *FASTPATH_DEMO, "launch=local-gpus", "method=random", "budget=64", "seed=0,1,2,3"], tmp_path, env=env, timeout=120)
     assert rerun.returncode == 0 and "4 were already complete" in rerun.stdout and "launching 4" not in rerun.stdout
 
@@ -489,3 +493,27 @@ def test_local_worker_module_runs_a_pickled_call(tmp_path) -> None:
     DelayedSubmission(Path.write_text, tmp_path / "out.txt", "ran").dump(path)
     subprocess.run([sys.executable, "-m", "prune_eval.execution.worker", str(path)], check=True, timeout=60)
     assert (tmp_path / "out.txt").read_text() == "ran"
+
+
+def test_a_prestarted_worker_is_adopted_with_its_log_or_discarded(tmp_path) -> None:
+    """launch=local-gpus starts workers before it plans the sweep (their imports overlap the
+    planning): one adopted later runs the sweep's pickled call and its early output moves to the
+    log the launcher names; one the sweep does not need is killed and leaves no file behind."""
+    from submitit.helpers import DelayedSubmission
+
+    from prune_eval.execution.local import ProcessWorker
+
+    pickle_path = tmp_path / "job.pkl"
+    DelayedSubmission(Path.write_text, tmp_path / "out.txt", "ran").dump(pickle_path)
+    early_log, unused_log, final_log = tmp_path / "early.log", tmp_path / "unused.log", tmp_path / "worker.log"
+    adopted = ProcessWorker(None, early_log, "0", None)
+    unused = ProcessWorker(None, unused_log, "1", None)
+    unused.discard()
+    assert unused.exit_code() is not None and not unused_log.exists()
+    adopted.adopt(pickle_path, final_log, "local-0")
+    assert adopted.process.wait(timeout=120) == 0
+    assert (tmp_path / "out.txt").read_text() == "ran"
+    assert not early_log.exists() and "worker started before the sweep was planned: imports took" in final_log.read_text()
+    idle = ProcessWorker(None, tmp_path / "idle.log", "0", None)
+    idle.stop()  # stdin closed before any adopt line: it ends without running anything
+    assert idle.process.wait(timeout=120) == 0

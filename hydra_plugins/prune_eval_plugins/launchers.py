@@ -115,6 +115,12 @@ class LocalGpusLauncher(_CellLauncher):
 
         return launch_local_gpus(self, cells, **self.params)
 
+    def prestart(self) -> None:
+        """Start the workers before the sweep is planned (prune_eval.execution.local.prestart_workers)."""
+        from prune_eval.execution.local import prestart_workers
+
+        prestart_workers(self)
+
     def check_before_launch(self) -> None:
         from prune_eval.execution.checks import check_local_gpus_launch
 

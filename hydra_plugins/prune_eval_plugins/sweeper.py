@@ -56,6 +56,8 @@ class PruneEvalSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         loader = self.hydra_context.config_loader
         compose = lambda overrides: loader.load_sweep_config(self.config, overrides)  # noqa: E731
+        if hasattr(self.launcher, "prestart"):  # launch=local-gpus: workers import torch while the jobs are planned
+            self.launcher.prestart()
         try:
             check_output_overrides(list(arguments))
             applicable = applicable_jobs(jobs, compose)  # group options where the job's choice has them

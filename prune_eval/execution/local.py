@@ -17,6 +17,7 @@ naming the worker and its log (died), and a rerun resumes it.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from prune_eval.execution.checks import GpuInfo, busy_gpus, check_local_gpus_lau
 from prune_eval.execution.events import LOCAL_JOB_ENV
 from prune_eval.execution.schedule import CellJob, longest_first, order_for_one_worker
 from prune_eval.execution.watching import AnswerCounter, Launched, Progress, _error_signature, conclude
-from prune_eval.execution.worker import WORKER_FD
+from prune_eval.execution.worker import PRESTART, PRESTART_LOG_ENV, WORKER_FD
 
 log = logging.getLogger("prune_eval")
 
@@ -81,22 +83,41 @@ class WorkerHandle(Protocol):
 
 
 class ProcessWorker:
-    """`python -m prune_eval.execution.worker <pickle>` on one GPU: cells over stdin, replies over a pipe."""
+    """`python -m prune_eval.execution.worker <pickle>` on one GPU: cells over stdin, replies over a pipe.
 
-    def __init__(self, pickle_path: Path, log_path: Path, gpu: str, job_id: str) -> None:
+    `pickle_path=None` starts it before the sweep is planned (`--prestart`: it imports torch and
+    transformers, then waits, writing to a temporary log); `adopt` gives it the sweep's pickle, its
+    log and its job id, after which it is a worker like any other.
+    """
+
+    def __init__(self, pickle_path: Path | None, log_path: Path, gpu: str, job_id: str | None) -> None:
         read_fd, write_fd = os.pipe()
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, PYTHONUNBUFFERED="1", **{LOCAL_JOB_ENV: job_id, WORKER_FD: str(write_fd)})
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, PYTHONUNBUFFERED="1", **{WORKER_FD: str(write_fd)})
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # ids as nvidia-smi numbers them
+        if job_id is not None:
+            env[LOCAL_JOB_ENV] = job_id
+        if pickle_path is None:
+            env[PRESTART_LOG_ENV] = str(log_path)
         with open(log_path, "ab") as logf:
-            self.process = subprocess.Popen([sys.executable, "-u", "-m", "prune_eval.execution.worker", str(pickle_path)],
+            self.process = subprocess.Popen([sys.executable, "-u", "-m", "prune_eval.execution.worker", str(pickle_path or PRESTART)],
                                             stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,))
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.read_fd, self.buffer = read_fd, b""
+        self.early_log = log_path if pickle_path is None else None
+
+    def adopt(self, pickle_path: Path, log_path: Path, job_id: str) -> "ProcessWorker":
+        """A prestarted worker joins the sweep (its output so far moves to `log_path`)."""
+        self.send_line({"adopt": {"pickle": str(pickle_path), "log": str(log_path), "job_id": job_id}})
+        self.early_log = None  # the worker moves it
+        return self
 
     def send(self, job: CellJob) -> None:
+        self.send_line(job.to_json())
+
+    def send_line(self, message: dict) -> None:
         try:
-            self.process.stdin.write((json.dumps(job.to_json()) + "\n").encode())
+            self.process.stdin.write((json.dumps(message) + "\n").encode())
             self.process.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # it died; exit_code() says so at the next poll
@@ -137,6 +158,52 @@ class ProcessWorker:
 
     def fileno(self) -> int | None:
         return self.read_fd
+
+    def discard(self) -> None:
+        """End a prestarted worker the sweep did not need (it holds no GPU memory and no cell)."""
+        self.process.kill()
+        self.wait(5)
+        if self.early_log is not None:
+            self.early_log.unlink(missing_ok=True)
+
+
+# Workers started before the sweep is planned, by GPU id (a process runs one sweep at a time).
+_prestarted: dict[str, ProcessWorker] = {}
+
+
+def prestart_workers(launcher) -> None:
+    """Start one worker per GPU this launch would use, before the sweep is planned (the sweeper
+    calls it first), so that their imports overlap the planning. Best effort: a launch its checks
+    refuse starts none (the sweeper says why, later); workers the launch does not take are
+    discarded when it ends, or when this process exits."""
+    from prune_eval.errors import PruneEvalError
+
+    try:
+        pool = check_local_gpus_launch(launcher.config, **dict(launcher.params))
+    except PruneEvalError:
+        return
+    if not _prestarted:
+        atexit.register(discard_prestarted)
+    for gpu in pool:
+        if gpu not in _prestarted:
+            handle, path = tempfile.mkstemp(prefix=f"prune-eval-worker-gpu{gpu}-", suffix=".log")
+            os.close(handle)
+            _prestarted[gpu] = ProcessWorker(None, Path(path), gpu, None)
+
+
+def start_worker(pickle_path: Path, log_path: Path, gpu: str, job_id: str) -> ProcessWorker:
+    """The worker for `gpu`: the one started while the sweep was planned if it is alive, else a new one."""
+    early = _prestarted.pop(gpu, None)
+    if early is not None and early.exit_code() is None:
+        return early.adopt(pickle_path, log_path, job_id)
+    if early is not None:
+        early.discard()
+    return ProcessWorker(pickle_path, log_path, gpu, job_id)
+
+
+def discard_prestarted() -> None:
+    while _prestarted:
+        _prestarted.popitem()[1].discard()
 
 
 @dataclass
@@ -359,7 +426,10 @@ def launch_local_gpus(launcher, jobs: Sequence[CellJob], *, gpus: Any = "all", s
     DelayedSubmission(worker.serve, launcher, Singleton.get_state()).dump(pickle_path)
     out(f"launching {len(jobs)} cell(s) on GPU(s) {', '.join(pool)}: one resident worker per GPU (a model is loaded once "
         f"per worker); logs: {folder}")
-    dispatcher = Dispatcher(list(jobs), pool, lambda gpu, job_id, log_path: ProcessWorker(pickle_path, log_path, gpu, job_id), folder,
+    dispatcher = Dispatcher(list(jobs), pool, lambda gpu, job_id, log_path: start_worker(pickle_path, log_path, gpu, job_id), folder,
                             skip_busy=skip_busy, busy_memory_mib=busy_memory_mib, poll_s=poll_s,
                             progress=Progress("local-gpus", progress_s, out), query=query)
-    return dispatcher.run()
+    try:
+        return dispatcher.run()
+    finally:
+        discard_prestarted()

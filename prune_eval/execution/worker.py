@@ -9,7 +9,11 @@ launches.jsonl. Three ways to run one:
 - `launch=local-gpus`: `python -m prune_eval.execution.worker <pickle>`, one process per GPU. It
   reads cells from its stdin, one JSON line each, and answers on the pipe named by
   PRUNE_EVAL_WORKER_FD: `{"ready"}` once imported, `{"started": cell}`, `{"done": cell, "status"}`.
-  The launcher decides which cell goes where (`serve`).
+  The launcher decides which cell goes where (`serve`). The launcher starts these processes as
+  `python -m prune_eval.execution.worker --prestart` before it plans the sweep: importing torch and
+  transformers' LLaVA takes seconds (13-17 s on an H200 host, BENCHMARKS.md), so a worker imports
+  them while the sweep is composed and validated, then waits for its first stdin line, `{"adopt":
+  {"pickle", "log", "job_id"}}`, and goes on as above; stdin closed before that ends it unused.
 - `launch=slurm`: an array task with a fixed list of cells (`run_task`). When SLURM preempts the
   task or it reaches its time limit, submitit calls the launcher's checkpoint(), which hands back
   the same call (`requeue`): the requeued task runs its list again, skipping complete cells and
@@ -28,12 +32,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prune_eval.execution.events import current_job_id, write_event
+from prune_eval.execution.events import LOCAL_JOB_ENV, current_job_id, write_event
 from prune_eval.execution.schedule import CellJob
 
 log = logging.getLogger("prune_eval")
 
 WORKER_FD = "PRUNE_EVAL_WORKER_FD"
+PRESTART, PRESTART_LOG_ENV = "--prestart", "PRUNE_EVAL_PRESTART_LOG"  # a worker started before the sweep is planned
 ERROR_FILE = "error.json"  # prune_eval.analysis.cellfiles.ERROR
 _current: dict[str, CellJob | None] = {"job": None}  # the cell being run, for the requeue event
 
@@ -132,9 +137,50 @@ def serve(launcher, singleton_state: dict | None) -> None:
         reply(done=job.name, status=status)
 
 
-def main(pickle_path: str) -> None:
+def warm_imports() -> None:
+    """Import what every cell needs (torch, transformers' LLaVA modeling code, prune_eval's cell,
+    Hydra's job runner), without touching the GPU: a started but unused worker costs no GPU memory."""
+    import hydra.core.utils  # noqa: F401
+    import torch  # noqa: F401
+    import transformers.models.llava.modeling_llava  # noqa: F401
+
+    import prune_eval.execution.cell  # noqa: F401
+
+
+def await_adoption() -> str | None:
+    """A prestarted worker: warm up, then wait for the sweep's `adopt` line; returns its pickle path
+    (None when stdin closes first: the sweep did not need this worker). The output so far, written
+    to a temporary log, moves to the log the launcher names, so a worker has one log."""
+    started = time.perf_counter()
+    warm_imports()
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] worker started before the sweep was planned: imports took "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    adopt = json.loads(line)["adopt"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_fd = os.open(adopt["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    before = os.environ.get(PRESTART_LOG_ENV)
+    if before and os.path.exists(before):
+        with open(before, "rb") as early:
+            os.write(log_fd, early.read())
+        os.unlink(before)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    os.environ[LOCAL_JOB_ENV] = adopt["job_id"]
+    return adopt["pickle"]
+
+
+def main(pickle_path: str | None) -> None:
     from submitit.helpers import DelayedSubmission
 
+    if pickle_path == PRESTART:
+        pickle_path = await_adoption()
+        if pickle_path is None:
+            return
     DelayedSubmission.load(pickle_path).result()
 
 
