@@ -112,37 +112,77 @@ def explain_composition_error(error: Exception, overrides: list[str], compose) -
 
 
 def model_geometry(model_cfg) -> ModelGeometry:
-    """The model's shapes from its config alone (no weights loaded). `model_cfg`: a ModelSpec or a `model` node."""
+    """The model's shapes from its config alone (no weights loaded). `model_cfg`: a ModelSpec or a `model` node.
+
+    A LLaVA checkpoint's config.json is read as JSON (`geometry_from_config_json`); transformers'
+    LlavaConfig is imported only for a config that leaves a vision shape to its defaults: planning a
+    sweep then imports none of transformers (seconds per sweep, BENCHMARKS.md).
+    """
     from prune_eval.methods import ModelGeometry
-    from prune_eval.models import loading, tiny
+    from prune_eval.models import checkpoints
 
     model = ModelSpec.of(model_cfg)
     if model.source == "tiny":
+        from prune_eval.models import tiny
+
         return ModelGeometry.from_config(tiny.build_config(**dict(model.dims)))
     if model.source == "original":  # two config files, LLaVA's flat one and CLIP's
         from prune_eval.models import original
 
         return ModelGeometry.from_config(original.config_of(model))
-    loading.check_available(model)
+    checkpoints.check_available(model)
+    geometry = geometry_from_config_json(json.loads(checkpoints.config_file(model).read_text()))
+    if geometry is not None:
+        return geometry
     from transformers import LlavaConfig
 
-    config = LlavaConfig.from_pretrained(loading.checkpoint_location(model), revision=model.revision, local_files_only=True)
+    config = LlavaConfig.from_pretrained(checkpoints.checkpoint_location(model), revision=model.revision, local_files_only=True)
     return ModelGeometry.from_config(config)
 
 
+VISION_SHAPE_KEYS = ("image_size", "patch_size", "num_hidden_layers", "num_attention_heads")
+# LlamaConfig's defaults (transformers/models/llama/configuration_llama.py, unchanged since transformers 4.x): llava-hf's
+# config.json files leave them out of text_config (llava-1.5-7b-hf has no hidden_size there)
+LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}
+
+
+def geometry_from_config_json(config: dict[str, Any]) -> ModelGeometry | None:
+    """The geometry LlavaConfig would give for this config.json, or None where that needs
+    transformers' own defaults: a vision shape left out (CLIP's defaults differ between
+    LlavaConfig's sub-config rules and CLIPVisionConfig's) or a text model other than Llama.
+    tests/test_loading.py checks it against LlavaConfig."""
+    from prune_eval.methods import ModelGeometry
+
+    vision, text = config.get("vision_config"), config.get("text_config")
+    if not isinstance(vision, dict) or not isinstance(text, dict) or any(k not in vision for k in VISION_SHAPE_KEYS):
+        return None
+    if text.get("model_type", "llama") != "llama":
+        return None
+    text = {**LLAMA_DEFAULTS, **text}
+    return ModelGeometry(
+        n_patches=(int(vision["image_size"]) // int(vision["patch_size"])) ** 2,
+        vision_layers=int(vision["num_hidden_layers"]),
+        vision_heads=int(vision["num_attention_heads"]),
+        text_layers=int(text["num_hidden_layers"]),
+        text_heads=int(text["num_attention_heads"]),
+        text_hidden=int(text["hidden_size"]),
+        text_intermediate=int(text["intermediate_size"]),
+    )
+
+
 def _model_identity(model: ModelSpec) -> dict[str, Any]:
-    from prune_eval.models import loading
+    from prune_eval.models import checkpoints
 
     identity = {"name": model.name, "source": model.source, "tokenization": model.tokenization}
     if model.source == "tiny":
         identity.update(init_seed=int(model.init_seed), dims=dict(model.dims))
     else:
-        identity.update(checkpoint=loading.checkpoint_location(model), revision=model.revision)
+        identity.update(checkpoint=checkpoints.checkpoint_location(model), revision=model.revision)
     if model.source == "original":  # the CLIP tower is a second checkpoint; the tokenizer is the slow sentencepiece one
         identity.update(vision_tower=str(model.vision_tower_path or model.vision_tower),
                         vision_tower_revision=model.vision_tower_revision, tokenizer="sentencepiece-slow")
     if model.source == "toy":  # shipped with the code: the weights' checksum, not where the package is installed, names them
-        weights = Path(loading.checkpoint_location(model)) / "model.safetensors"
+        weights = Path(checkpoints.checkpoint_location(model)) / "model.safetensors"
         identity["weights_sha256"] = sha256_file(weights) if weights.is_file() else None
         if not model.path:
             identity["checkpoint"] = "prune_eval/assets/toy (shipped)"
@@ -226,7 +266,7 @@ def _plan_cell(cfg: DictConfig) -> CellSpec:
     from prune_eval.data import DATASETS, check_data_options
     from prune_eval.data.images import PREPROCESSORS
     from prune_eval.methods import get_method
-    from prune_eval.models.loading import SOURCES, source_of
+    from prune_eval.models.checkpoints import SOURCES, source_of
     from prune_eval.models.quant import precision_of
 
     check_run_options(cfg)
@@ -319,7 +359,7 @@ def input_problems(cfg: DictConfig) -> tuple[list[str], list[str]]:
     from omegaconf.errors import OmegaConfBaseException
 
     from prune_eval.data import input_problems as data_problems
-    from prune_eval.models.loading import check_available
+    from prune_eval.models.checkpoints import check_available
 
     model: list[str] = []
     try:

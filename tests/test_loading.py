@@ -57,3 +57,55 @@ def test_uncached_hub_id(tmp_path, monkeypatch) -> None:
     cfg = OmegaConf.create({"name": "llava-1.5-7b", "source": "hub", "id": "llava-hf/llava-1.5-7b-hf", "path": None, "revision": None})
     with pytest.raises(PruneEvalError, match="not in the Hugging Face cache"):
         loading.check_available(cfg)
+
+
+# config.json as llava-hf lays it out for LLaVA-1.5-7B: text_config leaves Llama's shapes to LlamaConfig's defaults
+LLAVA_HF_7B = {
+    "architectures": ["LlavaForConditionalGeneration"], "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+    "projector_hidden_act": "gelu", "tie_word_embeddings": False, "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default", "vocab_size": 32064,
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+                    "model_type": "llama", "rms_norm_eps": 1e-05, "vocab_size": 32064},
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
+                      "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+}
+
+
+def _with(config: dict, part: str, **changes) -> dict:
+    changed = json.loads(json.dumps(config))
+    changed[part].update(changes)
+    return changed
+
+
+@pytest.mark.parametrize("config", [
+    LLAVA_HF_7B,
+    _with(LLAVA_HF_7B, "text_config", hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_hidden_layers=40),
+    _with(LLAVA_HF_7B, "vision_config", image_size=224, patch_size=14, num_hidden_layers=3, num_attention_heads=4),
+    "tiny",
+])
+def test_geometry_read_from_config_json_is_llava_configs(config, tmp_path) -> None:
+    """The sweep process reads a checkpoint's shapes from config.json without transformers; they
+    must be the ones LlavaConfig (what the worker loads) gives for the same file."""
+    from transformers import LlavaConfig
+
+    from prune_eval.config import geometry_from_config_json
+    from prune_eval.methods import ModelGeometry
+    from prune_eval.models import tiny
+
+    if config == "tiny":
+        config = tiny.build_config().to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    expected = ModelGeometry.from_config(LlavaConfig.from_pretrained(tmp_path))
+    assert geometry_from_config_json(json.loads((tmp_path / "config.json").read_text())) == expected
+
+
+def test_geometry_left_to_transformers_defaults_is_not_guessed() -> None:
+    """A vision shape left out (CLIP's defaults depend on the transformers version) or a text model
+    other than Llama: None, and model_geometry asks LlavaConfig."""
+    from prune_eval.config import geometry_from_config_json
+
+    no_image_size = json.loads(json.dumps(LLAVA_HF_7B))
+    del no_image_size["vision_config"]["image_size"]
+    assert geometry_from_config_json(no_image_size) is None
+    assert geometry_from_config_json(_with(LLAVA_HF_7B, "text_config", model_type="mistral")) is None
+    assert geometry_from_config_json(LLAVA_HF_7B) is not None

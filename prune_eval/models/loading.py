@@ -9,11 +9,9 @@ goes into every cell summary (checkpoint, revision, dtype, quantized modules, me
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,15 +19,13 @@ import torch
 from prune_eval.errors import PruneEvalError
 from prune_eval.methods import ModelGeometry
 from prune_eval.models import original, tiny
+from prune_eval.models.checkpoints import (  # noqa: F401  (torch-free, for planning; re-exported)
+    SOURCES, TOY_DIR, WEIGHT_PATTERNS, check_available, check_local_checkpoint, checkpoint_location, source_of)
 from prune_eval.models.llm import LanguageModel
 from prune_eval.specs import ModelSpec
 
 if TYPE_CHECKING:  # the modeling code is imported where a model is loaded: planning a sweep needs only configs
     from transformers import LlavaForConditionalGeneration
-
-SOURCES = ("hub", "path", "tiny", "toy", "original")  # original: LLaVA's own layout (models/original.py)
-TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"  # trained by python -m prune_eval.toy train
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
 @dataclass
@@ -62,61 +58,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PruneEvalError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
     return device
-
-
-def checkpoint_location(model: ModelSpec) -> str:
-    """The local path if one is set, else the shipped toy weights or the hub id. `model`: a ModelSpec
-    (or a `model` config node, converted)."""
-    model = ModelSpec.of(model)
-    if model.path:
-        return model.path
-    return str(TOY_DIR) if model.source == "toy" else str(model.id)
-
-
-def source_of(model: ModelSpec) -> str:
-    return ModelSpec.of(model).source
-
-
-def check_local_checkpoint(path: Path) -> None:
-    """A directory with a LLaVA config and weights, or a clear error saying what is wrong."""
-    if not path.is_dir():
-        raise PruneEvalError(f"model.path={path} does not exist; download the weights there or point model.path at them")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise PruneEvalError(f"model.path={path} is not a checkpoint: no config.json")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except json.JSONDecodeError:
-        raise PruneEvalError(f"{config_file} is not valid JSON") from None
-    if model_type != "llava":
-        raise PruneEvalError(f"model.path={path} holds a '{model_type}' checkpoint; expected a LLaVA checkpoint (model_type 'llava')")
-    if original.layout_of(json.loads(config_file.read_text())) == "original":
-        raise PruneEvalError(f"model.path={path} holds an original LLaVA checkpoint (LlavaLlamaForCausalLM layout); "
-                             f"use model=llava-1.5-7b-original (or -13b-original) with model.path={path}")
-    if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
-        raise PruneEvalError(f"model.path={path} has a config but no weights (*.safetensors or *.bin)")
-
-
-def check_available(model: ModelSpec) -> None:
-    """Fail early, naming the checkpoint and how to get it, if it cannot be loaded here."""
-    model = ModelSpec.of(model)
-    if model.source == "tiny":
-        return
-    if model.source == "original":
-        original.check_available(model)
-        return
-    if model.source in ("path", "toy"):
-        check_local_checkpoint(Path(checkpoint_location(model)).expanduser())
-        return
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(model.id, "config.json", revision=model.revision)
-    if not isinstance(cached, str) and not model.allow_download:
-        raise PruneEvalError(
-            f"weights for {model.id} are not in the Hugging Face cache; download them first with "
-            f"`python -m prune_eval.assets weights --model {model.name}` (or `hf download {model.id}`), "
-            f"or set model.path=/local/dir, or model.allow_download=true to download inside the job"
-        )
 
 
 def quantized_modules(model: torch.nn.Module) -> list[str]:

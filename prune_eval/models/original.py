@@ -44,6 +44,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # configs only: the modeling code is imported to load
 
 from prune_eval.errors import PruneEvalError
+from prune_eval.models.checkpoints import layout_of
 from prune_eval.models.sentencepiece_llama import SentencePieceLlamaTokenizer
 from prune_eval.execution.records import sha256_file
 from prune_eval.specs import ModelSpec
@@ -90,16 +91,6 @@ def read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise PruneEvalError(f"{config_file} is not a JSON object")
     return config
-
-
-def layout_of(config: dict) -> str:
-    """'llava-hf' (nested text/vision configs), 'original' (LLaVA's flat config with mm_* fields) or
-    the config's model_type."""
-    if "text_config" in config or "vision_config" in config:
-        return "llava-hf" if config.get("model_type") == "llava" else str(config.get("model_type"))
-    if "mm_vision_tower" in config or "LlavaLlamaForCausalLM" in (config.get("architectures") or []):
-        return "original"
-    return str(config.get("model_type"))
 
 
 def weight_files(folder: Path) -> list[Path]:
