@@ -522,7 +522,8 @@ def image_bytes(mode: str, size: tuple[int, int], fmt: str, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-FORMATS = {"PNG": ("RGB", "L", "P", "RGBA", "I", "1", "LA"), "JPEG": ("RGB", "L", "CMYK"), "GIF": ("P", "L"), "BMP": ("RGB", "L"),
+# PNG "I;16": 16-bit grayscale (Pillow 13 no longer writes 32-bit "I" as PNG)
+FORMATS = {"PNG": ("RGB", "L", "P", "RGBA", "I;16", "1", "LA"), "JPEG": ("RGB", "L", "CMYK"), "GIF": ("P", "L"), "BMP": ("RGB", "L"),
            "TIFF": ("RGB", "I;16", "F", "CMYK")}
 IMAGE = st.sampled_from([(f, m) for f, modes in FORMATS.items() for m in modes]).flatmap(
     lambda fm: st.tuples(st.just(fm[0]), st.just(fm[1]), st.tuples(st.integers(1, 500), st.integers(1, 500)), st.integers(0, 99)))
