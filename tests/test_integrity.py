@@ -318,3 +318,20 @@ def test_unreadable_plan_is_one_line(tmp_path) -> None:
     (tmp_path / "plan.json").write_text('{"cells": {"a": ')
     with pytest.raises(PruneEvalError, match=r"plan.json is unreadable .*; fix or remove it"):
         sweep.record_plan(tmp_path, [sweep.PlannedCell("x", [])])
+
+
+def test_a_part_changed_right_after_it_was_verified_is_read_again(tmp_path) -> None:
+    """Verified parts are remembered by their bytes' SHA-256, not by file name or time stamps: a byte
+    flipped in place a moment after a read (same size, same coarse mtime) is still caught."""
+    record = {"schema_version": 2, "key": "random/1", "split": "random", "question_id": 1, "image": "a.jpg", "label": "yes",
+              "question": "Is there a dog in the image?", "raw_answer": "Yes", "pred_llava": "yes", "pred_exact": "yes",
+              "visual_tokens": 64, "new_tokens": 1, "stop_reason": "eos"}
+    path = records.write_part(tmp_path, [record], {"path": "fast"})
+    first, footer = records.read_part_and_footer(path)
+    again, _ = records.read_part_and_footer(path)
+    assert first == again == [record] and footer["numerics"] == {"path": "fast"}
+    data = bytearray(path.read_bytes())
+    data[data.index(b'"Yes"') + 1] = ord("N")  # "Yes" -> "Nes": same size
+    path.write_bytes(bytes(data))
+    with pytest.raises(records.BadPart, match="checksum mismatch"):
+        records.read_part_and_footer(path)

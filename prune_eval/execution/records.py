@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,30 @@ def read_part(path: Path) -> list[dict]:
 
 
 def read_part_and_footer(path: Path) -> tuple[list[dict], dict]:
-    """The verified records of one part and its footer (`footer.get("numerics")`: None before schema 2)."""
+    """The verified records of one part and its footer (`footer.get("numerics")`: None before schema 2).
+
+    A cell's set-up, its per-shard numerics check, its helpers' progress and its summary read the
+    same parts (about seven full reads of every part per cell), and parsing and checking them is
+    most of the cost: a part whose bytes this process has already verified (same SHA-256) is not
+    parsed again. The records are shared with that cache: callers must not modify them.
+    """
     data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).digest()
+    if digest in _VERIFIED:
+        _VERIFIED.move_to_end(digest)
+    else:
+        _VERIFIED[digest] = _verify_part(path, data)
+        if len(_VERIFIED) > VERIFIED_PARTS:
+            _VERIFIED.popitem(last=False)
+    records, footer = _VERIFIED[digest]
+    return list(records), dict(footer)
+
+
+VERIFIED_PARTS = 256  # parts kept verified in memory (~65k records at eval.part_size=256: a few cells)
+_VERIFIED: OrderedDict[bytes, tuple[list[dict], dict]] = OrderedDict()
+
+
+def _verify_part(path: Path, data: bytes) -> tuple[list[dict], dict]:
     if not data.endswith(b"\n"):
         raise BadPart(f"{path}: truncated (no final newline)")
     lines = data.split(b"\n")[:-1]
