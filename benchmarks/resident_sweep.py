@@ -6,9 +6,10 @@ runs `python -m prune_eval -m method=visionzip,sparsevlm budget=64 seed=0,1,2,3,
 computations: VisionZip draws no random numbers, SparseVLM v1.5 does) on the full POPE (8910
 questions) with LLaVA-1.5-7B shapes and random fp16 weights (saved once with
 benchmarks/quant_load.py, loaded through model.path), stand-in COCO images (benchmarks/fake_coco.py),
-`eval.max_new_tokens=3`, `eval.compile=true` and the fast path (eval.fast=auto on CUDA), with
-`launch=local-gpus launch.gpus=[0]` and then `[0,1]`. Each run gets a fresh sweep directory and,
-unless --warm-compile-cache, a fresh TorchInductor cache (a cold compile, as on a new machine).
+`eval.max_new_tokens=3`, the fast path (eval.fast=auto on CUDA) and otherwise the CLI's defaults
+(eager: `eval.compile=false`; `--compile` sets it), with `launch=local-gpus launch.gpus=[0]` and then
+`[0,1]`. Each run gets a fresh sweep directory and, unless --warm-compile-cache, a fresh TorchInductor
+cache (a cold compile, as on a new machine).
 
 From the cells' summaries (`timing`, summed over the `computed` events of launches.jsonl):
 - unique compute: the cells' compute seconds, compile time excluded, summed;
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/llava7b-random"), help="random 7B-shape checkpoint (saved if missing)")
     parser.add_argument("--images", type=Path, default=Path("/tmp/coco"), help="stand-in COCO images (drawn if missing)")
     parser.add_argument("--new-tokens", type=int, default=3)
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="eval.compile=false")
+    parser.add_argument("--compile", action="store_true", help="eval.compile=true (the decoder layers under torch.compile)")
     parser.add_argument("--warm-compile-cache", action="store_true", help="share TorchInductor's cache between runs")
     parser.add_argument("--profile", action="store_true", help="run the sweep process under cProfile (OUT/resident-<n>gpu.prof)")
     parser.add_argument("--sweep", nargs="*", default=SWEEP, help="the swept overrides (default: the design card's)")

@@ -139,5 +139,27 @@ def main() -> None:
     run()
 
 
+
+def leave(code: int) -> None:
+    """End the process without the interpreter's teardown of torch & co (1-2 s after a sweep, measured
+    on a 2-core CPU): atexit handlers run (they end workers started for a sweep that did not take
+    them), logs and output are flushed, and every result file is already written atomically."""
+    import atexit
+    import logging
+    import os
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:  # sys.exit(n) from the CLI, Hydra or the sweeper
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        leave(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+    leave(0)

@@ -158,8 +158,10 @@ def applicable_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]]
                 bases[choices] = None
         return bases[choices]
 
-    job_bases = [base_of(job) for job in parsed]
     options = {o.key: o for job in parsed for o in job if o.group and o.prefix != "~"}
+    if not options:  # nothing to check or drop: compose nothing (~0.2 s a composition)
+        return Applicability([[o.text for o in job] for job in parsed])
+    job_bases = [base_of(job) for job in parsed]
     # exists[key][j]: job j's choice has the option (None: its choices do not compose)
     exists = {key: [None if b is None else _has_key(b, key) for b in job_bases] for key in options}
     for key, override in options.items():
