@@ -515,5 +515,5 @@ def test_a_prestarted_worker_is_adopted_with_its_log_or_discarded(tmp_path) -> N
     assert (tmp_path / "out.txt").read_text() == "ran"
     assert not early_log.exists() and "worker started before the sweep was planned: imports took" in final_log.read_text()
     idle = ProcessWorker(None, tmp_path / "idle.log", "0", None)
-    idle.stop()  # stdin closed before any adopt line: it ends without running anything
-    assert idle.process.wait(timeout=120) == 0
+    idle.stop()  # stdin closed before any adopt line (the sweep ended, or died): it ends, removing its log
+    assert idle.process.wait(timeout=120) == 0 and not (tmp_path / "idle.log").exists()

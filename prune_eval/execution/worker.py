@@ -156,7 +156,10 @@ def await_adoption() -> str | None:
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] worker started before the sweep was planned: imports took "
           f"{time.perf_counter() - started:.1f} s", flush=True)
     line = sys.stdin.readline()
-    if not line.strip():
+    if not line.strip():  # not needed (or the sweep process died): leave no temporary log behind
+        early = os.environ.get(PRESTART_LOG_ENV)
+        if early:
+            Path(early).unlink(missing_ok=True)
         return None
     adopt = json.loads(line)["adopt"]
     sys.stdout.flush()
