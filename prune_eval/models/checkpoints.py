@@ -1,9 +1,9 @@
 """Where a model's checkpoint is and whether it can be loaded here, from its files alone.
 
 Torch-free and transformers-free: the sweep process plans every job (checks that the weights exist,
-reads the model's shapes from config.json) before any worker starts, and importing transformers'
-LLaVA costs seconds per process (13-17 s on an H200 host, BENCHMARKS.md). prune_eval.models.loading
-re-exports these names and loads the model.
+reads the model's shapes from config.json) without importing transformers' LLaVA, which costs seconds
+per process (7 s on the H200 host of BENCHMARKS.md, 13-17 s where torch has no bytecode).
+prune_eval.models.loading re-exports these names and loads the model.
 """
 
 from __future__ import annotations
