@@ -434,6 +434,7 @@ def test_local_gpus_sweep_runs_one_cell_per_gpu_and_skips_the_busy_one(tmp_path)
     assert not list(Path(tempfile.gettempdir()).glob("prune-eval-worker-gpu*"))  # their early logs moved, none left
     rerun = run_cli(["-m", *FASTPATH_DEMO, "launch=local-gpus", "method=random", "budget=64", "seed=0,1,2,3"], tmp_path, env=env, timeout=120)
     assert rerun.returncode == 0 and "4 were already complete" in rerun.stdout and "launching 4" not in rerun.stdout
+    assert not list(Path(tempfile.gettempdir()).glob("prune-eval-worker-gpu*"))  # the early workers it did not need are gone
 
 
 @pytest.mark.slow

@@ -121,6 +121,12 @@ class LocalGpusLauncher(_CellLauncher):
 
         prestart_workers(self)
 
+    def discard_prestarted(self) -> None:
+        """End the workers started before planning (the sweep has no cell left to run)."""
+        from prune_eval.execution.local import discard_prestarted
+
+        discard_prestarted()
+
     def check_before_launch(self) -> None:
         from prune_eval.execution.checks import check_local_gpus_launch
 

@@ -80,6 +80,8 @@ class PruneEvalSweeper(Sweeper):
         for note in applicable.notes():
             print(note, flush=True)
         results, launcher_failed = [], False
+        if not todo and hasattr(self.launcher, "discard_prestarted"):  # nothing to run: end the early workers now
+            self.launcher.discard_prestarted()
         if todo:
             try:
                 results = sweep.launch(self.launcher, todo, sweep_dir)
