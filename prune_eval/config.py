@@ -317,14 +317,13 @@ def numerics_identity(eval_cfg) -> dict[str, Any]:
     auto; the shard size, which batches never cross) and compile.
     Part of the cell's identity, so a sweep over them gives cells the report pairs as numerics-only
     comparisons (its numerical floor). What actually ran is in each record part's footer."""
-    fast = eval_cfg.get("fast", "auto")
+    e = EvalSpec.from_config(eval_cfg)  # its defaults for keys the node leaves out
     # batches never cross a shard (execution.cell), so the shard size is part of the batch composition
-    identity: dict[str, Any] = {"fast": fast, "compile": bool(eval_cfg.get("compile", False)),
-                                "shard_images": int(eval_cfg.get("shard_images", 64))}
-    if fast is not True:
-        identity["batch_size"] = int(eval_cfg.get("batch_size", 8))
-    if fast is not False:
-        identity.update(batch_images=int(eval_cfg.get("batch_images", 64)), batch_tokens=int(eval_cfg.get("batch_tokens", 32768)))
+    identity: dict[str, Any] = {"fast": e.fast, "compile": bool(e.compile), "shard_images": int(e.shard_images)}
+    if e.fast is not True:
+        identity["batch_size"] = int(e.batch_size)
+    if e.fast is not False:
+        identity.update(batch_images=int(e.batch_images), batch_tokens=int(e.batch_tokens))
     return identity
 
 
