@@ -133,17 +133,21 @@ def top_k_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k).indices.sort().values
 
 
-def recycling_candidates(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Deleted positions to recycle, best score first, and the cluster count.
+def recycling_counts(n_deleted: int) -> tuple[int, int]:
+    """(tokens recycled, clusters) when n_deleted visual tokens are deleted: int(0.3 n_deleted) + 1 of
+    them by score, merged into int(n_rec / 10) + 1 clusters (docs/sparsevlm-official.md)."""
+    n_recycled = int(n_deleted * 0.3) + 1
+    return n_recycled, int(n_recycled / 10) + 1
 
-    n_rec = int(0.3 n_deleted) + 1 of the deleted tokens by score; clusters = int(n_rec / 10) + 1.
-    """
+
+def recycling_candidates(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Deleted positions to recycle, best score first, and the cluster count (recycling_counts)."""
     deleted = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
     deleted[keep] = False
     deleted_positions = deleted.nonzero()[:, 0]
-    n_recycled = int(deleted_positions.shape[0] * 0.3) + 1
+    n_recycled, n_clusters = recycling_counts(deleted_positions.shape[0])
     best = scores[deleted_positions].topk(n_recycled).indices
-    return deleted_positions[best], int(n_recycled / 10) + 1
+    return deleted_positions[best], n_clusters
 
 
 def dpc_knn_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor) -> torch.Tensor:
@@ -224,9 +228,9 @@ def recycling_candidates_batched(scores: torch.Tensor, kept: torch.Tensor, n_kep
     """recycling_candidates for rows of equal length that all keep n_kept: (n, nV) -> ((n, n_rec), clusters)."""
     n_deleted = scores.shape[1] - n_kept
     deleted = torch.argsort(kept.to(torch.uint8), dim=1, stable=True)[:, :n_deleted]  # ascending positions
-    n_recycled = int(n_deleted * 0.3) + 1
+    n_recycled, n_clusters = recycling_counts(n_deleted)
     best = scores.gather(1, deleted).topk(n_recycled, dim=1).indices
-    return deleted.gather(1, best), int(n_recycled / 10) + 1
+    return deleted.gather(1, best), n_clusters
 
 
 def dpc_knn_merge_batched(x: torch.Tensor, n_clusters: int, noise: torch.Tensor) -> torch.Tensor:
@@ -496,8 +500,8 @@ class SparseVLMPruner:
             raise PruneEvalError("SparseVLM found no rater among the text tokens after the image; it needs text (the question) after the image")
         self.rater_rows = torch.argsort((~raters).to(torch.uint8), dim=1, stable=True)[:, :n_raters]  # ascending
         self.rater_valid = torch.arange(n_raters, device=raters.device) < counts[:, None]
-        if self.version.recycling:  # at most int(0.3 * nV) + 1 draws per pruning layer (nV never grows)
-            stream = noise_stream(inputs.seeds, len(self.layers) * (int(self.n_image_visual * 0.3) + 1))
+        if self.version.recycling:  # at most recycling_counts(nV)[0] draws per pruning layer (nV never grows)
+            stream = noise_stream(inputs.seeds, len(self.layers) * recycling_counts(self.n_image_visual)[0])
             self.noise = stream.to(inputs.visual.dtype).to(inputs.visual.device)
             self.noise_used = torch.zeros(len(inputs.seeds), dtype=torch.long)
 
@@ -556,7 +560,7 @@ class SparseVLMPruner:
 def kept_after(k: int, n_visual: int, recycling: bool) -> int:
     """Visual tokens after a fixed-k pruning of n_visual: k, plus the merged clusters if recycling."""
     k = min(k, n_visual - 1)
-    return k + (int((int((n_visual - k) * 0.3) + 1) / 10) + 1 if recycling else 0)
+    return k + (recycling_counts(n_visual - k)[1] if recycling else 0)
 
 
 def make_pruner(params: dict[str, Any], bundle, prefix_len: int, n_visual: int) -> SparseVLMPruner:
