@@ -139,14 +139,19 @@ SETUP_AXES = (
 INGEST_FLAGS = {"model": "--model", "preprocess": "--preprocess", "quant": "--quant", "data": "--pope-version"}
 
 
+def _same_factors_except(x: Config, y: Config, key: str) -> bool:
+    """Every factor of the two configurations but `key` is equal (a factor one of them lacks counts as None)."""
+    keys = set(x.factors) | set(y.factors)
+    return all(x.factors.get(k) == y.factors.get(k) for k in keys if k != key)
+
+
 def _differs_only_in(x: Config, y: Config, key: str) -> bool:
     if x.info["ingested"] != y.info["ingested"]:
         return False
     if x.info["ingested"]:
         cx, cy = coarse_factors(x.info), coarse_factors(y.info)
         return cx[key] != cy[key] and all(cx[k] == cy[k] for k in cx if k != key)
-    keys = set(x.factors) | set(y.factors)
-    return x.factors.get(key) != y.factors.get(key) and all(x.factors.get(k) == y.factors.get(k) for k in keys if k != key)
+    return x.factors.get(key) != y.factors.get(key) and _same_factors_except(x, y, key)
 
 
 def counterparts(config: Config, configs: Sequence[Config], key: str) -> list[Config]:
@@ -282,8 +287,7 @@ def _compute(info: dict, key: str) -> float | None:
 def _same_except_budget(x: Config, y: Config) -> bool:
     if x.info["ingested"] or y.info["ingested"] or x.info["method"] != y.info["method"] or x.info["version"] != y.info["version"]:
         return False
-    keys = set(x.factors) | set(y.factors)
-    return all(x.factors.get(k) == y.factors.get(k) for k in keys if k != "method") and x.once == y.once
+    return _same_factors_except(x, y, "method") and x.once == y.once
 
 
 def equal_compute_gap(c: Comparison, configs: Sequence[Config], stats_by_id: dict) -> tuple[float, str] | None:
@@ -341,8 +345,7 @@ def _same_except_version(x: Config, y: Config, version: str | None) -> bool:
     if x.info["ingested"]:
         cx, cy = coarse_factors(x.info), coarse_factors(y.info)
         return all(cx[k] == cy[k] for k in cx if k != "method")
-    keys = set(x.factors) | set(y.factors)
-    return all(x.factors.get(k) == y.factors.get(k) for k in keys if k != "method") and x.once == y.once
+    return _same_factors_except(x, y, "method") and x.once == y.once
 
 
 def measured_version_effect(c: Comparison, configs: Sequence[Config], printed, *, n_resamples: int, seed: int) -> str:
