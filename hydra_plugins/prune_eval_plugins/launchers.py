@@ -113,7 +113,7 @@ class LocalGpusLauncher(_CellLauncher):
     def launch_cells(self, cells: Sequence[Any]) -> Sequence[str]:
         from prune_eval.execution.local import launch_local_gpus
 
-        return launch_local_gpus(self, cells, **self.params)
+        return launch_local_gpus(self, cells, pool=getattr(self, "checked_pool", None), **self.params)
 
     def prestart(self) -> None:
         """Start the workers before the sweep is planned (prune_eval.execution.local.prestart_workers)."""
@@ -130,7 +130,7 @@ class LocalGpusLauncher(_CellLauncher):
     def check_before_launch(self) -> None:
         from prune_eval.execution.checks import check_local_gpus_launch
 
-        check_local_gpus_launch(self.config, **self.params)
+        self.checked_pool = check_local_gpus_launch(self.config, **self.params)  # launch_cells, moments later, uses it
 
 
 class PruneEvalSlurmLauncher(_CellLauncher):
@@ -139,9 +139,10 @@ class PruneEvalSlurmLauncher(_CellLauncher):
     def launch_cells(self, cells: Sequence[Any]) -> Sequence[str]:
         from prune_eval.execution.slurm import launch_slurm
 
-        return launch_slurm(self, cells, self.params)
+        return launch_slurm(self, cells, self.params, checked=getattr(self, "checked", False))
 
     def check_before_launch(self) -> None:
         from prune_eval.execution.checks import check_slurm_launch
 
         check_slurm_launch(self.config, self.params)
+        self.checked = True  # launch_cells, moments later, does not ask sinfo again

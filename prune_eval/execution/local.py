@@ -411,15 +411,17 @@ def exit_text(code: int) -> str:
 
 def launch_local_gpus(launcher, jobs: Sequence[CellJob], *, gpus: Any = "all", skip_busy: bool = True, busy_memory_mib: float = 1024,
                       poll_s: float = 1.0, progress_s: float = 30.0, query: Callable[[], list[GpuInfo] | None] = query_gpus,
-                      out: Callable[[str], None] | None = None) -> list[str]:
-    """One resident worker per free GPU, fed by a Dispatcher; returns each cell's outcome."""
+                      out: Callable[[str], None] | None = None, pool: list[str] | None = None) -> list[str]:
+    """One resident worker per free GPU, fed by a Dispatcher; returns each cell's outcome. `pool`: the
+    GPUs the launcher's check_before_launch found a moment ago (None: check here)."""
     from hydra.core.singleton import Singleton
     from submitit.helpers import DelayedSubmission
 
     from prune_eval.execution import worker
 
     out = out or _printer
-    pool = check_local_gpus_launch(launcher.config, gpus=gpus, skip_busy=skip_busy, busy_memory_mib=busy_memory_mib, query=query)
+    if pool is None:
+        pool = check_local_gpus_launch(launcher.config, gpus=gpus, skip_busy=skip_busy, busy_memory_mib=busy_memory_mib, query=query)
     folder = Path(str(launcher.config.hydra.sweep.dir)).absolute() / ".submitit" / f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
     pickle_path = folder / "worker.pkl"

@@ -161,9 +161,11 @@ def running_cells(jobs: Sequence[Launched]) -> set[int]:
     return running
 
 
-def launch_slurm(launcher, cells: Sequence[CellJob], params: dict, out: Callable[[str], None] | None = None) -> list[str]:
+def launch_slurm(launcher, cells: Sequence[CellJob], params: dict, out: Callable[[str], None] | None = None, *,
+                 checked: bool = False) -> list[str]:
     """Pack the cells into tasks, submit them as SLURM job arrays through submitit (as
-    hydra-submitit-launcher does) and watch them with watch_slurm; returns each cell's outcome."""
+    hydra-submitit-launcher does) and watch them with watch_slurm; returns each cell's outcome.
+    `checked`: the launcher's check_before_launch passed a moment ago (else the checks run here)."""
     from hydra.core.singleton import Singleton
 
     import submitit
@@ -172,7 +174,8 @@ def launch_slurm(launcher, cells: Sequence[CellJob], params: dict, out: Callable
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     out = out or (lambda line: print(line, flush=True))
-    check_slurm_launch(launcher.config, params)
+    if not checked:
+        check_slurm_launch(launcher.config, params)
     params = slurm_params(params)
     poll_s, progress_s = params.pop("poll_s"), params.pop("progress_s")
     lost_after_s, max_array_size = params.pop("lost_after_s"), int(params.pop("max_array_size"))
