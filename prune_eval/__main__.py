@@ -139,7 +139,6 @@ def main() -> None:
     run()
 
 
-
 def leave(code: int) -> None:
     """End the process without the interpreter's teardown of torch & co (1-2 s after a sweep, measured
     on a 2-core CPU): atexit handlers run (they end workers started for a sweep that did not take

@@ -160,7 +160,13 @@ def read_part(path: Path) -> list[dict]:
 
 
 def read_part_and_footer(path: Path) -> tuple[list[dict], dict]:
-    """The verified records of one part and its footer (`footer.get("numerics")`: None before schema 2).
+    """The verified records of one part and its footer (`footer.get("numerics")`: None before schema 2)."""
+    records, footer, _ = _read_verified(path)
+    return records, footer
+
+
+def _read_verified(path: Path) -> tuple[list[dict], dict, str]:
+    """(records, footer, the file's SHA-256 in hex) of a verified part; BadPart if it is not one.
 
     A cell's set-up, its per-shard numerics check, its helpers' progress and its summary read the
     same parts (about seven full reads of every part per cell), and parsing and checking them is
@@ -176,7 +182,7 @@ def read_part_and_footer(path: Path) -> tuple[list[dict], dict]:
         if len(_VERIFIED) > VERIFIED_PARTS:
             _VERIFIED.popitem(last=False)
     records, footer = _VERIFIED[digest]
-    return list(records), dict(footer)
+    return list(records), dict(footer), digest.hex()
 
 
 VERIFIED_PARTS = 256  # parts kept verified in memory (~65k records at eval.part_size=256: a few cells)
@@ -243,6 +249,7 @@ class CellRecords:
     bad_parts: list[tuple[Path, str]] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)  # keys answered twice, differently
     numerics: dict[str, dict | None] = field(default_factory=dict)  # part file name -> its footer's numerics
+    sha256: dict[str, str] = field(default_factory=dict)  # part file name -> SHA-256 of the file (verified parts)
 
     @property
     def keys(self) -> set[str]:
@@ -255,7 +262,7 @@ def read_records(cell_dir: Path) -> CellRecords:
     by_key: dict[str, dict] = {}
     for path in part_paths(cell_dir):
         try:
-            part, footer = read_part_and_footer(path)
+            part, footer, result.sha256[path.name] = _read_verified(path)
         except (BadPart, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             result.bad_parts.append((path, str(e)))
             continue

@@ -50,12 +50,13 @@ def check_local_checkpoint(path: Path) -> None:
     if not config_file.is_file():
         raise PruneEvalError(f"model.path={path} is not a checkpoint: no config.json")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError:
         raise PruneEvalError(f"{config_file} is not valid JSON") from None
+    model_type = config.get("model_type")
     if model_type != "llava":
         raise PruneEvalError(f"model.path={path} holds a '{model_type}' checkpoint; expected a LLaVA checkpoint (model_type 'llava')")
-    if layout_of(json.loads(config_file.read_text())) == "original":
+    if layout_of(config) == "original":
         raise PruneEvalError(f"model.path={path} holds an original LLaVA checkpoint (LlavaLlamaForCausalLM layout); "
                              f"use model=llava-1.5-7b-original (or -13b-original) with model.path={path}")
     if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
