@@ -140,8 +140,8 @@ def main() -> None:
 
 
 def leave(code: int) -> None:
-    """End the process without the interpreter's teardown of torch & co (1-2 s after a sweep, measured
-    on a 2-core CPU): atexit handlers run (they end workers started for a sweep that did not take
+    """End the process without the interpreter's teardown of the modules a sweep imported (torch &
+    co: seconds of garbage collection at exit): atexit handlers run (they end workers started for a sweep that did not take
     them), logs and output are flushed, and every result file is already written atomically."""
     import atexit
     import logging

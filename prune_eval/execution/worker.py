@@ -11,10 +11,10 @@ launches.jsonl. Three ways to run one:
   PRUNE_EVAL_WORKER_FD: `{"ready"}` once imported, `{"started": cell}`, `{"done": cell, "status"}`.
   The launcher decides which cell goes where (`serve`). The launcher starts these processes as
   `python -m prune_eval.execution.worker --prestart` before it plans the sweep: importing torch and
-  transformers' LLaVA takes seconds (5-7 s on the H200 host of BENCHMARKS.md, 13-17 s where torch
-  has no bytecode), so a worker imports them while the sweep is composed and validated, then waits
-  for its first stdin line, `{"adopt": {"pickle", "log", "job_id"}}`, and goes on as above; stdin
-  closed before that ends it unused.
+  transformers' LLaVA takes seconds (5-9 s in BENCHMARKS.md's resident-workers runs), so a worker
+  imports them while the sweep is composed and validated, then waits for its first stdin line,
+  `{"adopt": {"pickle", "log", "job_id"}}`, and goes on as above; stdin closed before that ends it
+  unused.
 - `launch=slurm`: an array task with a fixed list of cells (`run_task`). When SLURM preempts the
   task or it reaches its time limit, submitit calls the launcher's checkpoint(), which hands back
   the same call (`requeue`): the requeued task runs its list again, skipping complete cells and

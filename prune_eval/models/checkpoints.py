@@ -2,7 +2,7 @@
 
 Torch-free and transformers-free: the sweep process plans every job (checks that the weights exist,
 reads the model's shapes from config.json) without importing transformers' LLaVA, which costs seconds
-per process (7 s on the H200 host of BENCHMARKS.md, 13-17 s where torch has no bytecode).
+per process (with torch: 5-9 s in the workers' logs of BENCHMARKS.md's resident-workers runs).
 prune_eval.models.loading re-exports these names and loads the model.
 """
 
