@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from prune_eval.execution.worker import log_time  # noqa: E402  (torch-free)
 SWEEP = ["method=visionzip,sparsevlm", "budget=64", "seed=0,1,2,3,4"]
 ONE_GPU_FACTOR, TWO_GPU_FACTOR = 1.2, 0.55
 
@@ -55,12 +58,6 @@ def prepare(args) -> list[str]:
         run([sys.executable, "benchmarks/fake_coco.py", "--questions", str(args.questions), "--out", str(args.images)])
     return ["model=llava-1.5-7b", f"model.path={args.checkpoint}", "quant=fp16", "data=pope", f"data.question_dir={args.questions}",
             f"data.image_dir={args.images}", "device=cuda"]
-
-
-def stamp() -> str:
-    """Wall-clock time as the sweep's and workers' log lines print it (to line the three logs up)."""
-    now = time.time()
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
 
 
 def summaries(sweep_dir: Path) -> list[dict]:
@@ -87,10 +84,10 @@ def measure(args, base: list[str], gpus: int) -> dict:
     log = args.out / f"{name}.log"
     started = time.perf_counter()
     with open(log, "w") as out:
-        out.write(f"[{stamp()}] benchmark: sweep process started\n")
+        out.write(f"[{log_time()}] benchmark: sweep process started\n")
         out.flush()
         code = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-        out.write(f"[{stamp()}] benchmark: sweep process ended (exit {code})\n")
+        out.write(f"[{log_time()}] benchmark: sweep process ended (exit {code})\n")
     wall = time.perf_counter() - started
     for worker_log in sweep_dir.glob(".submitit/*/*_log.out"):  # the workers' timestamped logs, next to the sweep's
         shutil.copy(worker_log, args.out / f"{name}-{worker_log.name}")

@@ -6,7 +6,8 @@ and the choices; group options are fitted to the swept choices that have them; k
 where results go are not swept) and, for a single run, the cell is validated and its inputs looked
 at; a sweep is validated by the prune_eval sweeper for every job before any job is launched. User
 errors print one line per problem (`prune_eval: error: ...`) and exit 2; a failed cell exits 1.
-Nothing here imports torch or transformers before the command line is known to be good.
+This process imports neither torch nor transformers before the command line is known to be good
+(workers started early for launch=local-gpus import them, and touch no GPU until a job is theirs).
 """
 
 from __future__ import annotations
@@ -125,12 +126,56 @@ def _expand_globs(overrides: list[str]) -> list[str] | None:
     return out
 
 
+def prestart_from_command_line(arguments: list[str]) -> None:
+    """`-m ... launch=local-gpus`: start the GPU workers now, before the command line is checked and
+    the sweep planned, so that their imports of torch and transformers (5.4-8.7 s on the H200
+    machine, BENCHMARKS.md) begin as early as they can; the launcher's own prestart, after Hydra has
+    composed the launch config, keeps them or corrects the GPU set (prune_eval.execution.local).
+    A guess from the command line: launch.* overrides given there (not +launch.* or ++launch.*),
+    launch/local-gpus.yaml's values otherwise; nothing when it cannot tell (a swept or malformed
+    launch.* value, no GPU) or nothing will run (--cfg, --info, ...). The
+    workers import and wait, touching no GPU; if the command line or a job is refused they are
+    ended (atexit) like any worker the sweep does not take."""
+    if not any(a in MULTIRUN_FLAGS for a in arguments) or "launch=local-gpus" not in arguments:
+        return
+    if any(a in INFO_FLAGS or a.startswith("--cfg") for a in arguments):
+        return  # nothing will run
+    from prune_eval.config import LAUNCH_DIR
+    from prune_eval.execution.checks import gpu_pool
+    from prune_eval.execution.local import prestart_for
+
+    settings = OmegaConf.to_container(OmegaConf.load(LAUNCH_DIR / "local-gpus.yaml")["launch"])
+    given = [a for a in arguments if a.startswith("launch.")]
+    if given:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.core.override_parser.types import ValueType
+
+        try:
+            parsed = OverridesParser.create().parse_overrides(given)
+        except Exception:
+            return  # preflight says what is wrong with it
+        for override in parsed:
+            if override.value_type != ValueType.ELEMENT:
+                return
+            settings[override.key_or_group.removeprefix("launch.")] = override.value()
+    try:
+        pool = gpu_pool(settings.get("gpus"), skip_busy=bool(settings.get("skip_busy", True)),
+                        busy_memory_mib=float(settings.get("busy_memory_mib", 1024)), torch_count=lambda: 0)
+    except (PruneEvalError, TypeError, ValueError):
+        return  # the launcher's check after planning gives the error
+    try:
+        prestart_for(pool)
+    except OSError:
+        return  # no temporary file or process now: the launcher starts its workers itself, and says why if it cannot
+
+
 def main() -> None:
     if any(a in HELP_FLAGS for a in sys.argv[1:]):
         from prune_eval.usage import usage
 
         print(usage())
         return
+    prestart_from_command_line(sys.argv[1:])
     try:
         sys.argv[1:] = preflight(sys.argv[1:])
     except PruneEvalError as e:

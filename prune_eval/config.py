@@ -130,8 +130,10 @@ def model_geometry(model_cfg) -> ModelGeometry:
         from prune_eval.models import original
 
         return ModelGeometry.from_config(original.config_of(model))
-    checkpoints.check_available(model)
-    geometry = geometry_from_config_json(json.loads(checkpoints.config_file(model).read_text()))
+    config = checkpoints.check_available(model)
+    if config is None:  # a hub checkpoint left to download inside the job: its shapes are not here yet
+        raise PruneEvalError(f"config.json of {model.id} is not in the Hugging Face cache")
+    geometry = geometry_from_config_json(config)
     if geometry is not None:
         return geometry
     from transformers import LlavaConfig

@@ -5,6 +5,7 @@ GPU figures, which only the GPU run can give."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,11 @@ def test_resident_sweep_benchmark_runs_on_the_cpu(tmp_path) -> None:
     budget = one["unique_compute_s"] + one["load_s"] + one["compile_s"]
     assert targets["one_gpu"]["limit_s"] == round(1.2 * budget, 2) and targets["one_gpu"]["met"] == (one["wall_s"] <= 1.2 * budget)
     assert targets["two_gpus"]["ratio_to_one_gpu"] == round(two["wall_s"] / one["wall_s"], 3)
+
+
+def test_weight_transfer_benchmark_says_what_it_needs(tmp_path) -> None:
+    """benchmarks/weight_transfer.py needs a GPU (the copies it measures go to one): without one it
+    says so in one line; the chunked copy it times is checked on the CPU in tests/test_transfer.py."""
+    result = subprocess.run([sys.executable, "benchmarks/weight_transfer.py", "--checkpoint", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == "weight_transfer.py measures copies to a CUDA GPU; none is visible here"

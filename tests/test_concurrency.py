@@ -115,3 +115,53 @@ def test_report_while_a_sweep_writes(tmp_path) -> None:
     assert set(final.values()) == {"complete"}
     print(f"\nreport during a sweep: {reports} inventories while it wrote ({seen}), {len(cli_reports)} report commands; "
           "no cell used before it was complete and verified; the sweep finished every cell")
+
+
+def test_join_takes_a_cell_alone_beside_its_answerers_or_not_at_all(tmp_path) -> None:
+    """CellLock.join: exclusive on a free cell; shared at once beside a process answering a set-up
+    cell; exclusive after a status probe's moment; None after a second of an exclusive holder."""
+    import fcntl
+    import threading
+    import time
+
+    from prune_eval.execution.cell import CELL_FILE, LOCK, LOCK_RETRY_S, LOCK_TRIES, CellLock
+
+    cell = tmp_path / "cell"
+    lock = CellLock(cell)
+    assert lock.join() is True
+    lock.close()
+    (cell / CELL_FILE).write_text("{}")
+    other = open(cell / LOCK, "a+")  # another open file: flock sees another holder, as another process
+    fcntl.flock(other, fcntl.LOCK_SH)
+    started, lock = time.monotonic(), CellLock(cell)
+    assert lock.join() is False and time.monotonic() - started < 10 * LOCK_RETRY_S
+    lock.close()
+    fcntl.flock(other, fcntl.LOCK_EX)
+    started, lock = time.monotonic(), CellLock(cell)
+    assert lock.join() is None and time.monotonic() - started >= 2 * LOCK_TRIES * LOCK_RETRY_S * 0.9
+    lock.close()
+    threading.Timer(0.1, lambda: fcntl.flock(other, fcntl.LOCK_UN)).start()  # a probe lets go
+    lock = CellLock(cell)
+    assert lock.join() is True
+    lock.close()
+    other.close()
+
+
+def test_join_lets_go_of_a_shared_lock_on_a_cell_nobody_set_up(tmp_path) -> None:
+    """A status probe held the exclusive lock at the first try and let go before the shared try: on a
+    cell without cell.json that shared lock is released, and the next attempt takes the cell alone
+    to set it up (it would otherwise "help" a cell nobody answers)."""
+    import fcntl
+
+    from prune_eval.execution.cell import CellLock
+
+    lock = CellLock(tmp_path / "cell")
+    real, tries = lock.try_take, []
+
+    def probe_at_first_try(mode: int) -> bool:
+        tries.append(mode)
+        return False if len(tries) == 1 else real(mode)
+
+    lock.try_take = probe_at_first_try
+    assert lock.join() is True and tries == [fcntl.LOCK_EX, fcntl.LOCK_SH, fcntl.LOCK_EX]
+    lock.close()

@@ -364,6 +364,8 @@ BAD_INPUT = [
     (["launch=local-gpus", "launch.gpus=[0,5]"], "fake-smi", "unknown GPU id '5' in launch.gpus; GPUs here (nvidia-smi): 0, 1, 2"),
     (["launch=local-gpus", "launch.gpus=0,1"], "fake-smi", "launch.gpus=0,1 sweeps over a launcher setting, which all cells share; for a list write launch.gpus=[0,1]"),
     (["launch=slurm"], "no-sbatch", "launch=slurm needs `sbatch`, which is not on PATH"),
+    # workers were started from the command line (GPUs 0-2) before the bad budget was found: ended, no log left
+    (["launch=local-gpus", "budget=64,10000"], "fake-smi", "2 of 4 job(s) are invalid; nothing was launched"),
 ]
 
 
@@ -373,12 +375,13 @@ def test_bad_launcher_input_is_one_line_before_anything_runs(tmp_path, args, env
     env = {"fake-smi": fake_nvidia_smi, "no-cuda": no_cuda_env}.get(env_kind, lambda p: {})(tmp_path)
     if env_kind == "no-sbatch":
         env = {"PATH": str(tmp_path / "empty-bin")}  # python is started by its absolute path
-    result = run_cli(["-m", *FAST_DEMO, "method=vanilla", "seed=0,1", *args], tmp_path, env=env, timeout=120)
+    result = run_cli(["-m", *FAST_DEMO, "method=vanilla", "seed=0,1", *args], tmp_path, env={**env, "TMPDIR": str(tmp_path)}, timeout=120)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("prune_eval: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not list(tmp_path.glob("outputs/demo/*/launches.jsonl")) and not list(tmp_path.glob("outputs/demo/*/records"))
     assert not (tmp_path / "outputs" / "demo" / "plan.json").exists() and not (tmp_path / "outputs" / "demo" / "multirun.yaml").exists()
+    assert not list(tmp_path.glob("prune-eval-worker-gpu*"))  # early workers' logs (TMPDIR below)
 
 
 @pytest.mark.slow
@@ -518,3 +521,35 @@ def test_a_prestarted_worker_is_adopted_with_its_log_or_discarded(tmp_path) -> N
     idle = ProcessWorker(None, tmp_path / "idle.log", "0", None)
     idle.stop()  # stdin closed before any adopt line (the sweep ended, or died): it ends, removing its log
     assert idle.process.wait(timeout=120) == 0 and not (tmp_path / "idle.log").exists()
+
+
+def test_workers_start_from_the_command_line_and_the_launcher_corrects_their_gpus(tmp_path, monkeypatch) -> None:
+    """`-m ... launch=local-gpus` starts waiting workers before anything else (prune_eval.__main__),
+    on the GPUs the command line's launch.* settings give (launch/local-gpus.yaml's otherwise); a
+    later prestart for another GPU set ends those outside it; nothing starts for a command line
+    that cannot say (no -m, another launcher, a swept or bad launch.gpus); ended workers leave no log."""
+    from prune_eval.__main__ import prestart_from_command_line
+
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path)["PATH"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert not local._prestarted
+    try:
+        for args in (["launch=local-gpus"], ["-m", "launch=local"], ["-m", "launch=local-gpus", "launch.gpus=0,1"],
+                     ["-m", "launch=local-gpus", "launch.gpus=[0,7]"], ["-m", "launch=local-gpus", "launch.gpus=[0"],
+                     ["-m", "launch=local-gpus", "--cfg", "job"]):
+            prestart_from_command_line(args)
+            assert not local._prestarted, args
+        prestart_from_command_line(["-m", "method=vanilla", "launch=local-gpus"])
+        assert sorted(local._prestarted) == ["0", "1", "2"]  # as the launcher's pool: a busy GPU gets its worker once it is free
+        first = dict(local._prestarted)
+        prestart_from_command_line(["-m", "launch=local-gpus", "launch.gpus=[1,2]"])
+        assert sorted(local._prestarted) == ["1", "2"] and local._prestarted["1"] is first["1"]
+        assert first["0"].exit_code() is not None and not first["0"].early_log.exists()
+        local.prestart_for(["2"])  # what the launcher's prestart does with the pool its checks found
+        assert list(local._prestarted) == ["2"] and first["1"].exit_code() is not None
+    finally:
+        left = list(local._prestarted.values())
+        local.discard_prestarted()
+    assert all(worker.exit_code() is not None for worker in left)
+    assert not list(tmp_path.glob("prune-eval-worker-gpu*"))

@@ -17,8 +17,8 @@ kernel drops when their holder dies, even by SIGKILL:
 - `<cell>/.shard-<k>.lock`, exclusive while a process answers shard k; its parts are named
   `part-<n>-s<k>.jsonl` (plain `part-<n>.jsonl` when the cell has one shard), so two processes never
   write the same file.
-A process that can take neither the exclusive nor a shared cell lock within half a second leaves the
-cell alone ("busy"). One that finds every unanswered shard locked has nothing to do ("busy"). After
+A process that can take neither the exclusive nor a shared cell lock of a set-up cell within a second
+leaves the cell alone ("busy"). One that finds every unanswered shard locked has nothing to do ("busy"). After
 its shards a process takes the exclusive lock: if it gets it, nobody else is answering, and it
 answers whatever is still missing (a helper that died) and writes the summary; if it does not, the
 others are still at work and the last of them writes it ("shared").
@@ -65,7 +65,7 @@ from prune_eval.specs import CellSpec
 
 log = logging.getLogger("prune_eval")
 MODEL_INFO = "model.json"  # what the last run that loaded the model found out about it (for the summary)
-LOCK_TRIES, LOCK_RETRY_S = 20, 0.025  # a busy cell is one still locked after half a second
+LOCK_TRIES, LOCK_RETRY_S = 20, 0.025  # `take` tries for half a second; `join` twice as long
 
 
 class CellLock:
@@ -79,19 +79,43 @@ class CellLock:
 
     def __init__(self, cell_dir: Path) -> None:
         cell_dir.mkdir(parents=True, exist_ok=True)
+        self.cell_dir = cell_dir
         self.handle = open(cell_dir / LOCK, "a+")
         self.mode: int | None = None
 
     def take(self, mode: int) -> bool:
         for attempt in range(LOCK_TRIES):
-            try:
-                fcntl.flock(self.handle, mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == LOCK_TRIES - 1:
-                    self.mode = None  # a failed conversion has dropped the lock held before
-                    return False
+            if self.try_take(mode):
+                return True
+            if attempt < LOCK_TRIES - 1:
                 time.sleep(LOCK_RETRY_S)
+        return False
+
+    def join(self) -> bool | None:
+        """Take the cell alone (True: exclusive) or beside the processes answering it (False: shared);
+        None when neither was possible for a second. Each attempt tries both, so a helper joins a
+        cell being answered at once; taking the exclusive lock first, with its half second of retries,
+        kept it waiting (0.7 s from a worker's last cell to its help on the last one, in BENCHMARKS.md's
+        resident-workers runs). A shared lock on a cell without cell.json is let go: nobody set it up,
+        the exclusive lock was held by a status probe for a moment (cellfiles.is_locked), and the
+        next attempt takes it to set the cell up."""
+        for _ in range(2 * LOCK_TRIES):
+            if self.try_take(fcntl.LOCK_EX):
+                return True
+            if self.try_take(fcntl.LOCK_SH):
+                if (self.cell_dir / CELL_FILE).exists():
+                    return False
+                self.release()
+            time.sleep(LOCK_RETRY_S)
+        return None
+
+    def try_take(self, mode: int) -> bool:
+        """One non-blocking attempt; a failed one leaves no lock held (a failed conversion drops the old one)."""
+        try:
+            fcntl.flock(self.handle, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.mode = None
+            return False
         self.mode = mode
         if mode == fcntl.LOCK_EX:  # lock_holder() reads who set the cell up last
             self.handle.seek(0)
@@ -440,8 +464,8 @@ def run_cell(cfg: DictConfig | CellSpec, cell_dir: Path, models: ResidentModels 
 
 
 def _run_cell(cfg, cell_dir: Path, models: ResidentModels, lock: CellLock, started: float) -> str:
-    owner = lock.take(fcntl.LOCK_EX)
-    if not owner and not lock.take(fcntl.LOCK_SH):
+    owner = lock.join()
+    if owner is None:
         log.warning("cell %s is being computed by another process; left alone", cell_dir)
         return "busy"
     if read_summary(cell_dir) is not None:

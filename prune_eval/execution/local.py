@@ -173,16 +173,25 @@ _prestarted: dict[str, ProcessWorker] = {}
 
 def prestart_workers(launcher) -> None:
     """Start one worker per GPU this launch would use, before the sweep is planned (the sweeper
-    calls it first), so that their imports overlap the planning. Best effort: a launch its checks
-    refuse starts none (the sweeper says why, later); workers the launch does not take are
-    discarded when it ends, or when this process exits."""
+    calls it first), so that their imports overlap the planning; workers started earlier from the
+    command line (`prestart_for`) on GPUs this launch would not use are ended. Best effort: a
+    launch its checks refuse starts none (the sweeper says why, later); workers the launch does not
+    take are discarded when it ends, or when this process exits."""
     from prune_eval.errors import PruneEvalError
 
     try:
         pool = check_local_gpus_launch(launcher.config, **dict(launcher.params))
     except PruneEvalError:
         return
+    prestart_for(pool)
+
+
+def prestart_for(pool: Sequence[str]) -> None:
+    """A waiting worker (`--prestart`) for each GPU id in `pool` that has none; those on other GPUs end."""
+    for gpu in [g for g in _prestarted if g not in pool]:
+        _prestarted.pop(gpu).discard()
     if not _prestarted:
+        atexit.unregister(discard_prestarted)
         atexit.register(discard_prestarted)
     for gpu in pool:
         if gpu not in _prestarted:

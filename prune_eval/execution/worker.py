@@ -9,8 +9,9 @@ launches.jsonl. Three ways to run one:
 - `launch=local-gpus`: `python -m prune_eval.execution.worker <pickle>`, one process per GPU. It
   reads cells from its stdin, one JSON line each, and answers on the pipe named by
   PRUNE_EVAL_WORKER_FD: `{"ready"}` once imported, `{"started": cell}`, `{"done": cell, "status"}`.
-  The launcher decides which cell goes where (`serve`). The launcher starts these processes as
-  `python -m prune_eval.execution.worker --prestart` before it plans the sweep: importing torch and
+  The launcher decides which cell goes where (`serve`). These processes start as
+  `python -m prune_eval.execution.worker --prestart` before the sweep is planned (from the command
+  line in prune_eval.__main__, else by the launcher before planning): importing torch and
   transformers' LLaVA takes seconds (5-9 s in BENCHMARKS.md's resident-workers runs), so a worker
   imports them while the sweep is composed and validated, then waits for its first stdin line,
   `{"adopt": {"pickle", "log", "job_id"}}`, and goes on as above; stdin closed before that ends it
@@ -138,6 +139,13 @@ def serve(launcher, singleton_state: dict | None) -> None:
         reply(done=job.name, status=status)
 
 
+def log_time(now: float | None = None) -> str:
+    """Wall-clock time as Hydra's log lines print it (`2026-11-30 23:40:08,219`), so that the
+    sweep's, the workers' and the benchmarks' logs line up."""
+    now = time.time() if now is None else now
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+
+
 def warm_imports() -> None:
     """Import what every cell needs (torch, transformers' LLaVA modeling code, prune_eval's cell,
     Hydra's job runner), without touching the GPU: a started but unused worker costs no GPU memory."""
@@ -154,23 +162,21 @@ def await_adoption() -> str | None:
     to a temporary log, moves to the log the launcher names, so a worker has one log."""
     started = time.perf_counter()
     warm_imports()
-    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] worker started before the sweep was planned: imports took "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
+    print(f"[{log_time()}] worker started before the sweep was planned: imports took {time.perf_counter() - started:.1f} s", flush=True)
+    early_log = os.environ.get(PRESTART_LOG_ENV)
     line = sys.stdin.readline()
     if not line.strip():  # not needed (or the sweep process died): leave no temporary log behind
-        early = os.environ.get(PRESTART_LOG_ENV)
-        if early:
-            Path(early).unlink(missing_ok=True)
+        if early_log:
+            Path(early_log).unlink(missing_ok=True)
         return None
     adopt = json.loads(line)["adopt"]
     sys.stdout.flush()
     sys.stderr.flush()
     log_fd = os.open(adopt["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    before = os.environ.get(PRESTART_LOG_ENV)
-    if before and os.path.exists(before):
-        with open(before, "rb") as early:
+    if early_log and os.path.exists(early_log):
+        with open(early_log, "rb") as early:
             os.write(log_fd, early.read())
-        os.unlink(before)
+        os.unlink(early_log)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)

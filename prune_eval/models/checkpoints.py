@@ -42,17 +42,26 @@ def source_of(model: ModelSpec) -> str:
     return ModelSpec.of(model).source
 
 
-def check_local_checkpoint(path: Path) -> None:
-    """A directory with a LLaVA config and weights, or a clear error saying what is wrong."""
-    if not path.is_dir():
-        raise PruneEvalError(f"model.path={path} does not exist; download the weights there or point model.path at them")
-    config_file = path / "config.json"
+def read_config(folder: Path, label: str | None = None) -> dict:
+    """The folder's config.json as a dict; PruneEvalError (naming `label`, else the folder) when it is
+    missing, not JSON or not a JSON object."""
+    config_file = folder / "config.json"
     if not config_file.is_file():
-        raise PruneEvalError(f"model.path={path} is not a checkpoint: no config.json")
+        raise PruneEvalError(f"{label or folder} is not a checkpoint: no config.json")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError:
         raise PruneEvalError(f"{config_file} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise PruneEvalError(f"{config_file} is not a JSON object")
+    return config
+
+
+def check_local_checkpoint(path: Path) -> dict:
+    """A directory with a LLaVA config and weights (returns the config), or a clear error saying what is wrong."""
+    if not path.is_dir():
+        raise PruneEvalError(f"model.path={path} does not exist; download the weights there or point model.path at them")
+    config = read_config(path, f"model.path={path}")
     model_type = config.get("model_type")
     if model_type != "llava":
         raise PruneEvalError(f"model.path={path} holds a '{model_type}' checkpoint; expected a LLaVA checkpoint (model_type 'llava')")
@@ -61,41 +70,33 @@ def check_local_checkpoint(path: Path) -> None:
                              f"use model=llava-1.5-7b-original (or -13b-original) with model.path={path}")
     if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
         raise PruneEvalError(f"model.path={path} has a config but no weights (*.safetensors or *.bin)")
+    return config
 
 
-def check_available(model: ModelSpec) -> None:
-    """Fail early, naming the checkpoint and how to get it, if it cannot be loaded here."""
+def check_available(model: ModelSpec) -> dict | None:
+    """Fail early, naming the checkpoint and how to get it, if it cannot be loaded here. Returns the
+    checkpoint's config.json, parsed, where it is on this machine (a local path, the shipped toy, the
+    Hugging Face cache); None for the tiny model, the original layout (two configs:
+    prune_eval.models.original) and a hub checkpoint left to download inside the job."""
     model = ModelSpec.of(model)
     if model.source == "tiny":
-        return
+        return None
     if model.source == "original":
         from prune_eval.models import original
 
         original.check_available(model)
-        return
+        return None
     if model.source in ("path", "toy"):
-        check_local_checkpoint(Path(checkpoint_location(model)).expanduser())
-        return
+        return check_local_checkpoint(Path(checkpoint_location(model)).expanduser())
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(model.id, "config.json", revision=model.revision)
-    if not isinstance(cached, str) and not model.allow_download:
+    if isinstance(cached, str):
+        return read_config(Path(cached).parent)
+    if not model.allow_download:
         raise PruneEvalError(
             f"weights for {model.id} are not in the Hugging Face cache; download them first with "
             f"`python -m prune_eval.assets weights --model {model.name}` (or `hf download {model.id}`), "
             f"or set model.path=/local/dir, or model.allow_download=true to download inside the job"
         )
-
-
-def config_file(model: ModelSpec) -> Path:
-    """The checkpoint's config.json (a local path, the shipped toy, or the Hugging Face cache's copy
-    of a hub checkpoint). Call check_available first: this raises PruneEvalError where it is missing."""
-    model = ModelSpec.of(model)
-    if model.source in ("path", "toy") or model.path:
-        return Path(checkpoint_location(model)).expanduser() / "config.json"
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(model.id, "config.json", revision=model.revision)
-    if not isinstance(cached, str):
-        raise PruneEvalError(f"config.json of {model.id} is not in the Hugging Face cache")
-    return Path(cached)
+    return None

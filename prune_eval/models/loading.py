@@ -22,6 +22,7 @@ from prune_eval.models import original, tiny
 from prune_eval.models.checkpoints import (  # noqa: F401  (torch-free, for planning; re-exported)
     SOURCES, TOY_DIR, WEIGHT_PATTERNS, check_available, check_local_checkpoint, checkpoint_location, source_of)
 from prune_eval.models.llm import LanguageModel
+from prune_eval.models.transfer import move_to_device
 from prune_eval.specs import ModelSpec
 
 if TYPE_CHECKING:  # the modeling code is imported where a model is loaded: planning a sweep needs only configs
@@ -85,7 +86,7 @@ def _load_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device, 
     except OSError as e:
         raise PruneEvalError(f"cannot load checkpoint {location}: {str(e).splitlines()[0]}") from None
     if quantization_config is None:
-        model = model.to(device)
+        model = move_to_device(model, device)
     return model, tokenizer, image_processor
 
 

@@ -44,8 +44,9 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # configs only: the modeling code is imported to load
 
 from prune_eval.errors import PruneEvalError
-from prune_eval.models.checkpoints import layout_of
+from prune_eval.models.checkpoints import layout_of, read_config
 from prune_eval.models.sentencepiece_llama import SentencePieceLlamaTokenizer
+from prune_eval.models.transfer import move_to_device
 from prune_eval.execution.records import sha256_file
 from prune_eval.specs import ModelSpec
 
@@ -80,19 +81,6 @@ SUPPORTED = {  # field: (allowed values, default when absent)
 
 # ----------------------------------------------------------------------------------------------
 # Recognising folders
-def read_config(folder: Path) -> dict:
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise PruneEvalError(f"{folder} is not a checkpoint: no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError:
-        raise PruneEvalError(f"{config_file} is not valid JSON") from None
-    if not isinstance(config, dict):
-        raise PruneEvalError(f"{config_file} is not a JSON object")
-    return config
-
-
 def weight_files(folder: Path) -> list[Path]:
     """The checkpoint's weight files: an index's shards, else model*.safetensors, else pytorch_model*.bin."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -337,7 +325,7 @@ def load(model: ModelSpec, *, dtype: torch.dtype, device: torch.device, quantiza
     )
     del state
     if quantization_config is None:
-        model = model.to(device)
+        model = move_to_device(model, device)
     tokenizer = SentencePieceLlamaTokenizer.from_pretrained(checkpoint.path)
     image_processor = CLIPImageProcessorPil.from_pretrained(tower.path)
     info = {
