@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import hashlib
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +45,7 @@ from prune_eval.execution.engine import EvalSettings, evaluate_reference, tokeni
 from prune_eval.methods import get_method  # noqa: E402
 from prune_eval.models import loading, tiny  # noqa: E402
 from prune_eval.models.llm import attention_kernels, run_layers  # noqa: E402
+from prune_eval.provenance import commit_label  # noqa: E402
 
 CONFIGS = {
     "vanilla-576": ("vanilla", {}, 576),
@@ -256,9 +255,7 @@ def check_logits(bundle, questions, n_images: int) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    # the device machine's copy of the tree may carry a stale .git: an explicit commit wins
-    commit = os.environ.get("PRUNE_EVAL_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = commit_label()
     import transformers
 
     return {

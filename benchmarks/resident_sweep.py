@@ -127,10 +127,9 @@ def targets(runs: dict[int, dict]) -> dict:
 
 
 def environment(tiny: bool) -> dict:
-    # a copied working tree may carry a stale .git: the commit given by whoever copied it wins
-    commit = os.environ.get("PRUNE_EVAL_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                                   text=True, cwd=REPO).stdout.strip()
-    info = {"date": time.strftime("%Y-%m-%d"), "commit": commit}
+    from prune_eval.provenance import commit_label
+
+    info = {"date": time.strftime("%Y-%m-%d"), "commit": commit_label()}
     if not tiny:
         import torch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import socket
 import subprocess
@@ -38,6 +39,19 @@ def git_state(repo: Path | None = None) -> dict[str, object]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def commit_label(repo: Path | None = None) -> str | None:
+    """The commit a benchmark ran: PRUNE_EVAL_COMMIT when set, else the checkout's HEAD (short),
+    with " (uncommitted changes)" when the tracked files differ from it. The device machine's copy of
+    the tree can carry a stale .git (the checkout's first commit under later files): the suffix flags
+    that, and PRUNE_EVAL_COMMIT names the real one."""
+    if os.environ.get("PRUNE_EVAL_COMMIT"):
+        return os.environ["PRUNE_EVAL_COMMIT"]
+    state = git_state(repo)
+    if not state["commit"]:
+        return None
+    return str(state["commit"])[:7] + (" (uncommitted changes)" if state["dirty"] else "")
 
 
 def host_info() -> dict[str, object]:
