@@ -159,9 +159,9 @@ def prestart_from_command_line(arguments: list[str]) -> None:
                 return
             settings[override.key_or_group.removeprefix("launch.")] = override.value()
     try:
-        pool = gpu_pool(settings.get("gpus"), skip_busy=bool(settings.get("skip_busy", True)),
-                        busy_memory_mib=float(settings.get("busy_memory_mib", 1024)), torch_count=lambda: 0)
-    except (PruneEvalError, TypeError, ValueError):
+        pool = gpu_pool(settings["gpus"], skip_busy=bool(settings["skip_busy"]), busy_memory_mib=float(settings["busy_memory_mib"]),
+                        torch_count=lambda: 0)
+    except (PruneEvalError, KeyError, TypeError, ValueError):
         return  # the launcher's check after planning gives the error
     try:
         prestart_for(pool)

@@ -109,11 +109,12 @@ class LocalLauncher(_CellLauncher):
 
 class LocalGpusLauncher(_CellLauncher):
     _EXECUTOR = "local"
+    checked_pool: list[str] | None = None  # the GPUs check_before_launch found; launch_cells, moments later, uses them
 
     def launch_cells(self, cells: Sequence[Any]) -> Sequence[str]:
         from prune_eval.execution.local import launch_local_gpus
 
-        return launch_local_gpus(self, cells, pool=getattr(self, "checked_pool", None), **self.params)
+        return launch_local_gpus(self, cells, pool=self.checked_pool, **self.params)
 
     def prestart(self) -> None:
         """Start the workers before the sweep is planned (prune_eval.execution.local.prestart_workers)."""
@@ -130,19 +131,20 @@ class LocalGpusLauncher(_CellLauncher):
     def check_before_launch(self) -> None:
         from prune_eval.execution.checks import check_local_gpus_launch
 
-        self.checked_pool = check_local_gpus_launch(self.config, **self.params)  # launch_cells, moments later, uses it
+        self.checked_pool = check_local_gpus_launch(self.config, **self.params)
 
 
 class PruneEvalSlurmLauncher(_CellLauncher):
     _EXECUTOR = "slurm"
+    checked = False  # check_before_launch passed: launch_cells, moments later, does not ask sinfo again
 
     def launch_cells(self, cells: Sequence[Any]) -> Sequence[str]:
         from prune_eval.execution.slurm import launch_slurm
 
-        return launch_slurm(self, cells, self.params, checked=getattr(self, "checked", False))
+        return launch_slurm(self, cells, self.params, checked=self.checked)
 
     def check_before_launch(self) -> None:
         from prune_eval.execution.checks import check_slurm_launch
 
         check_slurm_launch(self.config, self.params)
-        self.checked = True  # launch_cells, moments later, does not ask sinfo again
+        self.checked = True

@@ -80,8 +80,6 @@ class PruneEvalSweeper(Sweeper):
         for note in applicable.notes():
             print(note, flush=True)
         results, launcher_failed = [], False
-        if not todo and hasattr(self.launcher, "discard_prestarted"):  # nothing to run: end the early workers now
-            self.launcher.discard_prestarted()
         if todo:
             try:
                 results = sweep.launch(self.launcher, todo, sweep_dir)
@@ -91,6 +89,8 @@ class PruneEvalSweeper(Sweeper):
             except Exception as e:  # a job or the scheduler broke: still print the table and report
                 launcher_failed = True
                 log.error("launcher failed: %s: %s", type(e).__name__, e)
+        elif hasattr(self.launcher, "discard_prestarted"):  # nothing to run: end the early workers now
+            self.launcher.discard_prestarted()
         message, all_complete = sweep.describe_outcome(sweep_dir, planned, skipped)
         print(message)
         if self.report:
